@@ -1,0 +1,136 @@
+"""`theria.sdpa`: the public operator, a drop-in for F.scaled_dot_product_attention."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from theria.attention import blockwise
+from theria.attention.contract import canonicalize
+from theria.attention.function import attention
+from theria.attention.reference import reference_attention
+
+Backend = Literal["auto", "reference", "torch", "triton"]
+BACKENDS: tuple[str, ...] = ("auto", "reference", "torch", "triton")
+DEFAULT_BLOCK_SIZE = 256
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """A fallback or degradation is announced once per process, never silently taken."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _triton_impl():  # imported lazily: Triton is an optional, heavy import
+    try:
+        from theria.attention import triton_impl
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise RuntimeError(f"theria.sdpa: backend='triton' needs Triton: {e}") from e
+    return triton_impl
+
+
+def _triton_usable(q: Tensor) -> bool:
+    if not q.is_cuda:
+        return False
+    try:
+        _triton_impl()
+    except RuntimeError:
+        return False
+    return True
+
+
+def sdpa(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    backend: Backend = "auto",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> Tensor:
+    """Scaled dot-product attention with exact first and second derivatives in every mode.
+
+    Same semantics as ``torch.nn.functional.scaled_dot_product_attention``::
+
+        out = softmax(query @ key.mT * scale + mask) @ value
+
+    Args:
+        query: (..., L, E). With ``enable_gqa``: (..., Hq, L, E).
+        key: (..., S, E); batch dims broadcast against query's. With GQA: (..., Hkv, S, E),
+            Hq a multiple of Hkv.
+        value: (..., S, Ev), same batch dims as key.
+        attn_mask: None, or broadcastable to (..., L, S): bool (True = attend) or a float
+            tensor of query's dtype added to the scores. Rows whose every key is masked give
+            zeros (and zero gradients), not NaN.
+        dropout_p: dropout on the attention weights. Only ``backend="reference"`` supports it
+            (its mask is kept in the autograd graph, so every derivative pass sees the same
+            mask); ``"auto"`` falls back to it with a warning, ``"torch"``/``"triton"`` raise.
+        is_causal: causal mask aligned to the top-left corner, as PyTorch aligns it
+            (query i attends keys j <= i). Not together with ``attn_mask``.
+        scale: defaults to 1/sqrt(E).
+        enable_gqa: grouped-query attention (keys/values broadcast over query-head groups,
+            never copied).
+        backend: ``"reference"`` (explicit composition, any order, O(L·S) memory),
+            ``"torch"`` (blockwise autograd Functions, O(L·block) extra memory, exact first
+            and second derivatives in every mode), ``"triton"`` (the same as Triton kernels;
+            CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"auto"`` (``triton`` on CUDA when
+            available, else ``torch``).
+        block_size: keys per block for the ``torch`` backend.
+
+    Returns:
+        (..., L, Ev); with GQA (..., Hq, L, Ev).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"theria.sdpa: backend must be one of {BACKENDS}; got {backend!r}")
+    c = canonicalize(
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, block_size
+    )
+    chosen = backend
+    if backend == "auto":
+        chosen = "triton" if _triton_usable(query) else "torch"
+    if chosen != "reference":
+        reason = None
+        if c.problem.dropout_p > 0.0:
+            reason = f"dropout_p={c.problem.dropout_p} > 0"
+        elif attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
+            reason = "a float attn_mask that requires grad"
+        if reason is not None:
+            if backend != "auto":
+                raise NotImplementedError(
+                    f"theria.sdpa: backend={backend!r} does not support {reason}; "
+                    "use backend='reference' (O(L·S) memory) or backend='auto' to fall back"
+                )
+            warn_once(
+                f"fallback:{reason.split('=')[0]}",
+                f"theria.sdpa: {reason} is supported by backend='reference' only; falling back "
+                "to it for such calls (O(L·S) memory).",
+            )
+            chosen = "reference"
+    if chosen == "reference":
+        out = reference_attention(c.q, c.k, c.v, c.mask, c.problem)
+    elif chosen == "torch":
+        out = attention(c.q, c.k, c.v, c.mask, c.problem, blockwise)
+    else:
+        if not (query.is_cuda or _interpreting()):
+            raise ValueError(
+                "theria.sdpa: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run "
+                f"the kernels on the CPU); got query on {query.device}"
+            )
+        out = attention(c.q, c.k, c.v, c.mask, c.problem, _triton_impl())
+    return c.restore(out)
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

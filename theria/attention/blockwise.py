@@ -1,0 +1,233 @@
+"""The `torch` backend's four primitives, computed blockwise over keys in plain torch ops.
+
+This file is the readable specification of the Triton kernels: docs/MATH.md derives every
+formula below, in the same names. Inputs are in canonical form (`contract.canonicalize`):
+
+    q (*B, L, E), k (*B', S, E), v (*B', S, Ev); *B and *B' broadcast; mask None | (..., L, S)
+
+Per attention row i the primitives keep only row statistics (the logsumexp `lse`, `delta`,
+`mu`, `delta_dot`); scores exist one key block at a time, (*B, L, block), never (*B, L, S).
+
+    forward          O, lse                         one pass over key blocks (online softmax)
+    forward_jvp      Ȯ, μ  (μ = the tangent of lse) one pass
+    backward         dQ, dK, dV                     one pass
+    backward_jvp     the JVP of `backward`          two passes (μ and Ȯ first, then the rest)
+
+A tangent given as None is zero and its matmuls are skipped. Everything is out-of-place torch
+ops, so `torch.func.vmap` can batch it and autograd can differentiate it (the `Function`s in
+`function.py` use that for third and higher orders). Fully masked rows give O = 0, lse = -inf
+and zero derivatives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from theria.attention.contract import Problem, mask_scores
+
+
+def _blocks(S: int, block: int) -> Iterator[tuple[int, int]]:
+    for j0 in range(0, S, block):
+        yield j0, min(j0 + block, S)
+
+
+def _scores(q: Tensor, kb: Tensor, mask: Tensor | None, j0: int, problem: Problem) -> Tensor:
+    s = torch.matmul(q, kb.transpose(-2, -1)) * problem.scale  # (*B, L, E) @ (*B', E, b) -> (*B, L, b)
+    return mask_scores(s, mask, j0, problem)
+
+
+def _safe(lse: Tensor) -> Tensor:
+    """lse with -inf (rows with no key) replaced by 0, so exp(s - lse) is 0 there, not NaN."""
+    return torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+
+
+def _probs(q: Tensor, kb: Tensor, mask: Tensor | None, j0: int, problem: Problem, lse0: Tensor) -> Tensor:
+    """P for one key block, from the saved row logsumexp: exp(s - lse)."""
+    return torch.exp(_scores(q, kb, mask, j0, problem) - lse0.unsqueeze(-1))
+
+
+def _score_tangent(
+    q: Tensor, kb: Tensor, tq: Tensor | None, tkb: Tensor | None, scale: float
+) -> Tensor | None:
+    """Ṡ = scale·(Q̇ Kᵀ + Q K̇ᵀ) for one key block; the mask is constant, so it has no tangent."""
+    sd = None
+    if tq is not None:
+        sd = torch.matmul(tq, kb.transpose(-2, -1))  # (*B, L, E) @ (*B', E, b) -> (*B, L, b)
+    if tkb is not None:
+        t = torch.matmul(q, tkb.transpose(-2, -1))
+        sd = t if sd is None else sd + t
+    return None if sd is None else sd * scale
+
+
+def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, problem: Problem) -> tuple[Tensor, Tensor]:
+    """O (*B, L, Ev) and the row logsumexp lse (*B, L), one pass with the online softmax
+    (Milakov & Gimelshein 2018; Dao et al. 2022, Alg. 1)."""
+    m = l = acc = m0 = None
+    for j0, j1 in _blocks(k.shape[-2], problem.block_size):
+        s = _scores(q, k[..., j0:j1, :], mask, j0, problem)
+        # The running max only stabilizes exp(); the result does not depend on it, so it
+        # carries no gradient (this keeps the differentiable use of this function clean).
+        m_blk = s.detach().amax(dim=-1)
+        m_new = m_blk if m is None else torch.maximum(m, m_blk)
+        m0 = _safe(m_new)
+        p = torch.exp(s - m0.unsqueeze(-1))
+        pv = torch.matmul(p, v[..., j0:j1, :])  # (*B, L, b) @ (*B', b, Ev) -> (*B, L, Ev)
+        if m is None:
+            l, acc = p.sum(dim=-1), pv
+        else:
+            alpha = torch.exp(m - m0)  # rescales what earlier blocks summed
+            l = l * alpha + p.sum(dim=-1)
+            acc = acc * alpha.unsqueeze(-1) + pv
+        m = m_new
+    empty = l == 0  # rows whose every key is masked
+    l1 = torch.where(empty, torch.ones_like(l), l)
+    out = acc / l1.unsqueeze(-1)
+    lse = torch.where(empty, torch.full_like(l, float("-inf")), m0 + torch.log(l1))
+    return out, lse
+
+
+def forward_jvp(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    problem: Problem,
+    out: Tensor,
+    lse: Tensor,
+    tq: Tensor | None,
+    tk: Tensor | None,
+    tv: Tensor | None,
+) -> tuple[Tensor, Tensor | None]:
+    """Tangent of O for tangents (Q̇, K̇, V̇):  Ȯ = (P∘Ṡ)V − μ∘O + P V̇,  μ = rowsum(P∘Ṡ).
+
+    Returns (Ȯ (*B, L, Ev), μ (*B, L) — the tangent of lse — or None when Ṡ = 0)."""
+    lse0 = _safe(lse)
+    mu = a = b = None
+    for j0, j1 in _blocks(k.shape[-2], problem.block_size):
+        kb, vb = k[..., j0:j1, :], v[..., j0:j1, :]
+        p = _probs(q, kb, mask, j0, problem, lse0)
+        sd = _score_tangent(q, kb, tq, None if tk is None else tk[..., j0:j1, :], problem.scale)
+        if sd is not None:
+            ps = p * sd
+            mu = _add(mu, ps.sum(dim=-1))
+            a = _add(a, torch.matmul(ps, vb))  # (*B, L, b) @ (*B', b, Ev) -> (*B, L, Ev)
+        if tv is not None:
+            b = _add(b, torch.matmul(p, tv[..., j0:j1, :]))
+    o_dot = b
+    if mu is not None:
+        o_dot = _add(a - mu.unsqueeze(-1) * out, o_dot)
+    if o_dot is None:
+        o_dot = torch.zeros_like(out)
+    return o_dot, mu
+
+
+def backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    problem: Problem,
+    out: Tensor,
+    lse: Tensor,
+    do: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """VJP with cotangent dO:  dV = Pᵀ dO,  dS = P∘(dO Vᵀ − δ),  dQ = scale·dS K,
+    dK = scale·dSᵀ Q,  with δ = rowsum(dO∘O)."""
+    lse0 = _safe(lse)
+    delta = (do * out).sum(dim=-1, keepdim=True)  # (*B, L, 1)
+    dq = None
+    dks, dvs = [], []
+    for j0, j1 in _blocks(k.shape[-2], problem.block_size):
+        kb, vb = k[..., j0:j1, :], v[..., j0:j1, :]
+        p = _probs(q, kb, mask, j0, problem, lse0)  # (*B, L, b)
+        dvs.append(torch.matmul(p.transpose(-2, -1), do))  # (*B, b, L) @ (*B, L, Ev) -> (*B, b, Ev)
+        dp = torch.matmul(do, vb.transpose(-2, -1))  # (*B, L, Ev) @ (*B', Ev, b) -> (*B, L, b)
+        ds = p * (dp - delta)
+        dq = _add(dq, torch.matmul(ds, kb))  # (*B, L, b) @ (*B', b, E) -> (*B, L, E)
+        dks.append(torch.matmul(ds.transpose(-2, -1), q))  # (*B, b, L) @ (*B, L, E) -> (*B, b, E)
+    dq = (dq * problem.scale).sum_to_size(q.shape)
+    dk = (torch.cat(dks, dim=-2) * problem.scale).sum_to_size(k.shape)
+    dv = torch.cat(dvs, dim=-2).sum_to_size(v.shape)
+    return dq, dk, dv
+
+
+def backward_jvp(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    problem: Problem,
+    out: Tensor,
+    lse: Tensor,
+    do: Tensor,
+    tq: Tensor | None,
+    tk: Tensor | None,
+    tv: Tensor | None,
+    tdo: Tensor | None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor]:
+    """The JVP of `backward` along (Q̇, K̇, V̇, dȮ), the total derivative (O and lse are
+    functions of Q, K, V). Returns (dQ̇, dK̇, dV̇, Ȯ).
+
+    Because `backward` is the gradient of f = ⟨dO, O(Q, K, V)⟩, its Jacobian in (Q, K, V) is the
+    (symmetric) Hessian of f. So the same routine gives the double-backward VJP: for
+    cotangents U on (dQ, dK, dV), the gradients are (H U) for Q, K, V and Ȯ(U) for dO.
+
+    Pass 1 (as `forward_jvp`): μ and Ȯ, then δ̇ = rowsum(dO∘Ȯ + dȮ∘O).
+    Pass 2, per key block, with Ṗ = P∘(Ṡ − μ), dP = dO Vᵀ, dṖ = dO V̇ᵀ + dȮ Vᵀ:
+        dS = P∘(dP − δ),   dṠ = Ṗ∘(dP − δ) + P∘(dṖ − δ̇)
+        dQ̇ = scale·(dṠ K + dS K̇),  dK̇ = scale·(dṠᵀ Q + dSᵀ Q̇),  dV̇ = Ṗᵀ dO + Pᵀ dȮ
+    """
+    o_dot, mu = forward_jvp(q, k, v, mask, problem, out, lse, tq, tk, tv)
+    lse0 = _safe(lse)
+    delta = (do * out).sum(dim=-1, keepdim=True)  # (*B, L, 1)
+    delta_dot = (do * o_dot).sum(dim=-1, keepdim=True)
+    if tdo is not None:
+        delta_dot = delta_dot + (tdo * out).sum(dim=-1, keepdim=True)
+    dq_dot = None
+    dks, dvs = [], []
+    for j0, j1 in _blocks(k.shape[-2], problem.block_size):
+        kb, vb = k[..., j0:j1, :], v[..., j0:j1, :]
+        tkb = None if tk is None else tk[..., j0:j1, :]
+        tvb = None if tv is None else tv[..., j0:j1, :]
+        p = _probs(q, kb, mask, j0, problem, lse0)  # (*B, L, b)
+        sd = _score_tangent(q, kb, tq, tkb, problem.scale)
+        pd = None if sd is None else p * (sd - mu.unsqueeze(-1))
+        dp = torch.matmul(do, vb.transpose(-2, -1))  # (*B, L, Ev) @ (*B', Ev, b) -> (*B, L, b)
+        dpd = None
+        if tvb is not None:
+            dpd = torch.matmul(do, tvb.transpose(-2, -1))
+        if tdo is not None:
+            dpd = _add(dpd, torch.matmul(tdo, vb.transpose(-2, -1)))
+        dp_c = dp - delta
+        ds = p * dp_c
+        dsd = p * ((0.0 if dpd is None else dpd) - delta_dot)
+        if pd is not None:
+            dsd = dsd + pd * dp_c
+        # (*B, L, b) @ (*B', b, E) -> (*B, L, E)
+        dq_dot = _add(dq_dot, torch.matmul(dsd, kb))
+        if tkb is not None:
+            dq_dot = dq_dot + torch.matmul(ds, tkb)
+        dk_blk = torch.matmul(dsd.transpose(-2, -1), q)  # (*B, b, L) @ (*B, L, E) -> (*B, b, E)
+        if tq is not None:
+            dk_blk = dk_blk + torch.matmul(ds.transpose(-2, -1), tq)
+        dks.append(dk_blk)
+        dv_blk = None if pd is None else torch.matmul(pd.transpose(-2, -1), do)
+        if tdo is not None:
+            dv_blk = _add(dv_blk, torch.matmul(p.transpose(-2, -1), tdo))
+        if dv_blk is None:
+            dv_blk = torch.zeros_like(vb).expand(*p.shape[:-2], *vb.shape[-2:])
+        dvs.append(dv_blk)
+    dq_dot = (dq_dot * problem.scale).sum_to_size(q.shape)
+    dk_dot = (torch.cat(dks, dim=-2) * problem.scale).sum_to_size(k.shape)
+    dv_dot = torch.cat(dvs, dim=-2).sum_to_size(v.shape)
+    return dq_dot, dk_dot, dv_dot, o_dot

@@ -1,0 +1,199 @@
+"""Input checking and the canonical form every backend computes on.
+
+`canonicalize` turns the arguments of `theria.sdpa` (the signature of
+`torch.nn.functional.scaled_dot_product_attention`) into
+
+    q (*B, L, E), k (*B', S, E), v (*B', S, Ev), mask None | (..., L, S) bool/float
+
+where *B and *B' broadcast against each other. Grouped-query attention (`enable_gqa=True`,
+Hq = G·Hkv) becomes broadcasting: q is viewed as (..., Hkv, G, L, E) and k, v as
+(..., Hkv, 1, S, E), so no key or value is ever copied. `Canonical.restore` maps the output
+back to (..., Hq, L, Ev). The rules are written down in docs/CONTRACT.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Everything about one attention call that is not a tensor."""
+
+    scale: float
+    is_causal: bool
+    dropout_p: float = 0.0
+    block_size: int = 256
+
+
+@dataclass
+class Canonical:
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    mask: Tensor | None
+    problem: Problem
+    restore: Callable[[Tensor], Tensor]
+
+
+def _shape(t: Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def mask_scores(s: Tensor, mask: Tensor | None, j0: int, problem: Problem) -> Tensor:
+    """Apply the attention mask and the causal rule to a block of scores.
+
+    s: (*B, L, b) scores for key columns [j0, j0 + b). Masked entries become -inf.
+    """
+    b = s.shape[-1]
+    if problem.is_causal:
+        L = s.shape[-2]
+        rows = torch.arange(L, device=s.device).unsqueeze(-1)  # (L, 1)
+        cols = torch.arange(j0, j0 + b, device=s.device)  # (b,)
+        # PyTorch aligns the causal mask to the top-left corner: ones(L, S).tril(0).
+        s = s.masked_fill(cols > rows, float("-inf"))
+    if mask is not None:
+        m = mask[..., j0 : j0 + b]
+        s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m
+    return s
+
+
+def _check_broadcast(name_a: str, a: tuple[int, ...], name_b: str, b: tuple[int, ...]) -> None:
+    try:
+        torch.broadcast_shapes(a, b)
+    except RuntimeError:
+        raise ValueError(
+            f"theria.sdpa: the batch dimensions of {name_a} {a} and {name_b} {b} do not broadcast"
+        ) from None
+
+
+def canonicalize(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+    block_size: int,
+) -> Canonical:
+    """Check the arguments of `theria.sdpa` and bring them to the canonical form."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"theria.sdpa: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() < 2:
+            raise ValueError(f"theria.sdpa: {name} must have at least 2 dims (..., N, E); got {_shape(t)}")
+        if not t.is_floating_point():
+            raise TypeError(f"theria.sdpa: {name} must be a floating-point tensor; got {_shape(t)}")
+    for name, t in (("key", key), ("value", value)):
+        if t.dtype != query.dtype:
+            raise TypeError(
+                f"theria.sdpa: {name} dtype {t.dtype} differs from query dtype {query.dtype}; "
+                "cast them to one dtype"
+            )
+        if t.device != query.device:
+            raise ValueError(
+                f"theria.sdpa: {name} is on {t.device} but query is on {query.device}"
+            )
+    if query.shape[-1] != key.shape[-1]:
+        raise ValueError(
+            "theria.sdpa: query and key must share the last (embedding) dim E: "
+            f"query {tuple(query.shape)}, key {tuple(key.shape)}"
+        )
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(
+            "theria.sdpa: key and value must have the same sequence length S (dim -2): "
+            f"key {tuple(key.shape)}, value {tuple(value.shape)}"
+        )
+    if key.shape[:-2] != value.shape[:-2]:
+        raise ValueError(
+            "theria.sdpa: key and value must have the same batch dims: "
+            f"key {tuple(key.shape)}, value {tuple(value.shape)}"
+        )
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"theria.sdpa: dropout_p must be in [0, 1); got {dropout_p}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise TypeError(f"theria.sdpa: scale must be a finite float or None; got {scale!r}")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"theria.sdpa: block_size must be a positive int; got {block_size!r}")
+    if is_causal and attn_mask is not None:
+        raise ValueError(
+            "theria.sdpa: pass either attn_mask or is_causal=True, not both "
+            "(as torch.nn.functional.scaled_dot_product_attention requires)"
+        )
+
+    L, E = query.shape[-2], query.shape[-1]
+    S = key.shape[-2]
+    q, k, v = query, key, value
+    restore: Callable[[Tensor], Tensor] = lambda out: out  # noqa: E731
+
+    if enable_gqa:
+        if query.dim() < 3 or key.dim() < 3:
+            raise ValueError(
+                "theria.sdpa: enable_gqa=True needs a heads dim (-3) in query and key; got "
+                f"query {tuple(query.shape)}, key {tuple(key.shape)}"
+            )
+        hq, hkv = query.shape[-3], key.shape[-3]
+        if hq % hkv != 0:
+            raise ValueError(
+                f"theria.sdpa: with enable_gqa=True the query heads ({hq}) must be a multiple "
+                f"of the key/value heads ({hkv}); query {tuple(query.shape)}, key {tuple(key.shape)}"
+            )
+        g = hq // hkv
+        q = query.unflatten(-3, (hkv, g))  # (..., Hq, L, E) -> (..., Hkv, G, L, E)
+        k = key.unsqueeze(-3)  # (..., Hkv, S, E) -> (..., Hkv, 1, S, E)
+        v = value.unsqueeze(-3)
+
+        def restore(out: Tensor) -> Tensor:
+            return out.flatten(-4, -3)  # (..., Hkv, G, L, Ev) -> (..., Hq, L, Ev)
+
+    _check_broadcast("query", tuple(query.shape[:-2]), "key", tuple(key.shape[:-2]))
+    if not enable_gqa and query.dim() >= 3 and key.dim() >= 3:
+        hq, hkv = query.shape[-3], key.shape[-3]
+        if hq != hkv and hkv != 1 and hq != 1:
+            raise ValueError(
+                f"theria.sdpa: query has {hq} heads and key {hkv}; pass enable_gqa=True for "
+                "grouped-query attention"
+            )
+    batch = torch.broadcast_shapes(tuple(query.shape[:-2]), tuple(key.shape[:-2]))
+
+    mask = attn_mask
+    if mask is not None:
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"theria.sdpa: attn_mask must be a Tensor or None, got {type(mask).__name__}")
+        if mask.dtype != torch.bool and mask.dtype != query.dtype:
+            raise TypeError(
+                f"theria.sdpa: attn_mask must be bool (True = attend) or have the query's dtype "
+                f"{query.dtype}; got {_shape(mask)}"
+            )
+        if mask.device != query.device:
+            raise ValueError(f"theria.sdpa: attn_mask is on {mask.device} but query is on {query.device}")
+        full = (*batch, L, S) if not enable_gqa else (*query.shape[:-2], L, S)
+        try:
+            torch.broadcast_shapes(tuple(mask.shape), full)
+            if torch.broadcast_shapes(tuple(mask.shape), full) != torch.Size(full):
+                raise RuntimeError
+        except RuntimeError:
+            raise ValueError(
+                f"theria.sdpa: attn_mask {tuple(mask.shape)} does not broadcast to the attention "
+                f"shape {full} (batch..., L={L}, S={S})"
+            ) from None
+        if enable_gqa:
+            mask = mask.expand(full).unflatten(-3, (key.shape[-3], full[-3] // key.shape[-3]))
+        else:
+            # Keys are sliced in blocks, so the key dim must be real (a view, no copy).
+            mask = mask.expand(*mask.shape[:-1], S)
+
+    problem = Problem(
+        scale=float(scale) if scale is not None else 1.0 / math.sqrt(E),
+        is_causal=bool(is_causal),
+        dropout_p=float(dropout_p),
+        block_size=block_size,
+    )
+    return Canonical(q, k, v, mask, problem, restore)

@@ -1,0 +1,150 @@
+"""Hessian-vector products, JVPs and their finite-difference checks.
+
+`fn` is a scalar function of `primals`, a tuple of tensors or a dict of tensors (a pytree of
+one level, as a model's parameter dict); tangents have the same structure.
+
+    hvp(fn, primals, tangents, mode="rev_rev")   reverse-over-reverse: grad of ⟨∇f, v⟩
+    hvp(fn, primals, tangents, mode="fwd_rev")   forward-over-reverse: jvp of ∇f along v
+    fd_hvp(fn, primals, tangents, eps)           central difference of ∇f along v
+    check_hvp(fn, primals, u, v)                 relative errors between the three, symmetry
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, Union
+
+import torch
+from torch import Tensor
+
+Tree = Union[Tensor, Sequence[Tensor], Mapping[str, Tensor]]
+HvpMode = Literal["rev_rev", "fwd_rev"]
+
+
+def _flatten(tree: Tree) -> tuple[list[Tensor], Callable[[Sequence[Tensor]], Any]]:
+    if isinstance(tree, Tensor):
+        return [tree], lambda xs: xs[0]
+    if isinstance(tree, Mapping):
+        keys = list(tree.keys())
+        return [tree[key] for key in keys], lambda xs: dict(zip(keys, xs, strict=True))
+    if isinstance(tree, Sequence):
+        kind = type(tree)
+        return list(tree), lambda xs: kind(xs) if kind in (tuple, list) else tuple(xs)
+    raise TypeError(f"expected a Tensor, a sequence or a mapping of tensors; got {type(tree).__name__}")
+
+
+def _apply(fn: Callable[..., Any], primals: Tree) -> Any:
+    return fn(primals) if isinstance(primals, (Tensor, Mapping)) else fn(*primals)
+
+
+def _call(fn: Callable[..., Tensor], primals: Tree) -> Tensor:
+    out = _apply(fn, primals)
+    if not isinstance(out, Tensor) or out.numel() != 1:
+        raise ValueError(f"fn must return a scalar tensor; got {getattr(out, 'shape', type(out))}")
+    return out.reshape(())
+
+
+def _check_like(primals: list[Tensor], tangents: list[Tensor], name: str) -> None:
+    if len(primals) != len(tangents):
+        raise ValueError(f"{name}: {len(tangents)} tensors for {len(primals)} primals")
+    for i, (p, t) in enumerate(zip(primals, tangents, strict=True)):
+        if p.shape != t.shape:
+            raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}, its primal {tuple(p.shape)}")
+
+
+def grad(fn: Callable[..., Tensor], primals: Tree, create_graph: bool = False) -> Any:
+    """∇f at primals, with the structure of primals."""
+    flat, unflatten = _flatten(primals)
+    leaves = [p.detach().requires_grad_(True) for p in flat]
+    with torch.enable_grad():
+        out = _call(fn, unflatten(leaves))
+        gs = torch.autograd.grad(out, leaves, create_graph=create_graph, allow_unused=True)
+    return unflatten([torch.zeros_like(p) if g is None else g for p, g in zip(leaves, gs, strict=True)])
+
+
+def hvp(
+    fn: Callable[..., Tensor], primals: Tree, tangents: Tree, mode: HvpMode = "rev_rev"
+) -> Any:
+    """Hessian of the scalar `fn` at `primals` applied to `tangents` (same structure)."""
+    flat, unflatten = _flatten(primals)
+    tflat, _ = _flatten(tangents)
+    _check_like(flat, tflat, "tangents")
+    if mode == "rev_rev":
+        leaves = [p.detach().requires_grad_(True) for p in flat]
+        with torch.enable_grad():
+            out = _call(fn, unflatten(leaves))
+            gs = torch.autograd.grad(out, leaves, create_graph=True)
+            dot = sum((g * t).sum() for g, t in zip(gs, tflat, strict=True))
+            hv = torch.autograd.grad(dot, leaves, allow_unused=True)
+        return unflatten([torch.zeros_like(p) if h is None else h for p, h in zip(leaves, hv, strict=True)])
+    if mode == "fwd_rev":
+        g = torch.func.grad(lambda *xs: _call(fn, unflatten(list(xs))), argnums=tuple(range(len(flat))))
+        _, hv = torch.func.jvp(g, tuple(p.detach() for p in flat), tuple(tflat))
+        return unflatten(list(hv))
+    raise ValueError(f"hvp: mode must be 'rev_rev' or 'fwd_rev'; got {mode!r}")
+
+
+def jvp(fn: Callable[..., Tensor], primals: Tree, tangents: Tree) -> tuple[Tensor, Tensor]:
+    """(f(primals), directional derivative of f along tangents), by forward-mode AD."""
+    flat, unflatten = _flatten(primals)
+    tflat, _ = _flatten(tangents)
+    _check_like(flat, tflat, "tangents")
+    return torch.func.jvp(lambda *xs: _apply(fn, unflatten(list(xs))), tuple(flat), tuple(tflat))
+
+
+def fd_hvp(fn: Callable[..., Tensor], primals: Tree, tangents: Tree, eps: float = 1e-4) -> Any:
+    """(∇f(x + εv) − ∇f(x − εv)) / 2ε: a central difference, error O(ε²)."""
+    flat, unflatten = _flatten(primals)
+    tflat, _ = _flatten(tangents)
+    _check_like(flat, tflat, "tangents")
+    plus = _flatten(grad(fn, unflatten([p.detach() + eps * t for p, t in zip(flat, tflat, strict=True)])))[0]
+    minus = _flatten(grad(fn, unflatten([p.detach() - eps * t for p, t in zip(flat, tflat, strict=True)])))[0]
+    return unflatten([(a - b) / (2 * eps) for a, b in zip(plus, minus, strict=True)])
+
+
+def _vec(tree: Tree) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in _flatten(tree)[0]])
+
+
+def rel_err(a: Tensor, b: Tensor) -> float:
+    """‖a − b‖ / max(‖b‖, tiny)."""
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def check_hvp(
+    fn: Callable[..., Tensor],
+    primals: Tree,
+    u: Tree | None = None,
+    v: Tree | None = None,
+    eps: float = 1e-4,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """Compare reverse-over-reverse, forward-over-reverse and finite-difference HVPs.
+
+    u, v default to random unit directions. Returns relative errors (float):
+      rev_vs_fwd, rev_vs_fd, fwd_vs_fd: ‖Hv(a) − Hv(b)‖ / ‖Hv(b)‖;
+      symmetry: |uᵀ(Hv) − vᵀ(Hu)| / (‖u‖‖Hv‖ + ‖v‖‖Hu‖), zero for an exact symmetric Hessian.
+    """
+    flat, unflatten = _flatten(primals)
+
+    def rand_dir() -> Tree:
+        ts = [torch.randn(p.shape, dtype=p.dtype, device=p.device, generator=generator) for p in flat]
+        n = torch.sqrt(sum((t.double() ** 2).sum() for t in ts))
+        return unflatten([t / n.to(t.dtype) for t in ts])
+
+    u = rand_dir() if u is None else u
+    v = rand_dir() if v is None else v
+    hv_rr = _vec(hvp(fn, primals, v, "rev_rev"))
+    hv_fr = _vec(hvp(fn, primals, v, "fwd_rev"))
+    hv_fd = _vec(fd_hvp(fn, primals, v, eps))
+    hu = _vec(hvp(fn, primals, u, "rev_rev"))
+    uv, vv = _vec(u), _vec(v)
+    sym_num = (uv.double() @ hv_rr.double() - vv.double() @ hu.double()).abs()
+    sym_den = uv.double().norm() * hv_rr.double().norm() + vv.double().norm() * hu.double().norm()
+    return {
+        "rev_vs_fwd": rel_err(hv_rr, hv_fr),
+        "rev_vs_fd": rel_err(hv_rr, hv_fd),
+        "fwd_vs_fd": rel_err(hv_fr, hv_fd),
+        "symmetry": float(sym_num / sym_den.clamp_min(1e-30)),
+    }
