@@ -1,0 +1,31 @@
+"""`python -m theria.bench <suite> [options]`."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUITES = {
+    "cpu": "one HVP through one attention call on the CPU: torch vs reference vs math SDPA",
+    "gpu": "Triton first-order kernels on CUDA: forward, forward+backward, forward+JVP",
+    "hvp": "Triton second-order kernels on CUDA: one HVP through one attention call",
+    "meta": "one meta-step (MAML, iMAML) through a transformer, per attention path",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUITES:
+        print("usage: python -m theria.bench <suite> [options]\n\nsuites:")
+        for name, what in SUITES.items():
+            print(f"  {name:5s} {what}")
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    try:
+        module = importlib.import_module(f"theria.bench.{argv[0]}")
+    except ModuleNotFoundError as e:
+        sys.exit(f"theria.bench: suite {argv[0]!r} is not available in this checkout ({e})")
+    module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Timing, peak memory, environment and table helpers shared by the benchmark suites."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import os
+import platform
+import resource
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parents[2] / "experiments" / "results"
+
+
+def environment(device: torch.device | str = "cpu") -> dict[str, str]:
+    """Device, torch and triton versions and the date, for the header of every table."""
+    device = torch.device(device)
+    env = {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = "not installed"
+    if device.type == "cuda":
+        env["device"] = torch.cuda.get_device_name(device)
+    else:
+        env["device"] = f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        env["threads"] = str(torch.get_num_threads())
+    return env
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _CpuPeak:
+    """Peak resident memory above a baseline, sampled in a thread (CPU has no allocator stats)."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+
+    def __enter__(self) -> _CpuPeak:
+        gc.collect()
+        self.base = self._rss()
+        self.peak = self.base
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.peak = max(self.peak, self._rss())
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def extra(self) -> int:
+        return self.peak - self.base
+
+
+def measure(
+    fn: Callable[[], Any], device: torch.device | str, repeats: int = 5, warmup: int = 1
+) -> dict[str, float]:
+    """Median wall time (ms) over `repeats` calls after `warmup`, and peak extra memory (MB)
+    of one call: CUDA allocator peak above the live memory before the call, or on the CPU the
+    peak resident set above the level before the call. Returns {"ms", "ms_min", "peak_mb"}.
+    An out-of-memory error is returned as {"oom": 1.0}."""
+    device = torch.device(device)
+    try:
+        for _ in range(warmup):
+            fn()
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            fn()
+            _sync(device)
+            peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        else:
+            with _CpuPeak() as mon:
+                fn()
+            peak = mon.extra / 2**20
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append((time.perf_counter() - t0) * 1e3)
+    except torch.OutOfMemoryError:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return {"oom": 1.0}
+    return {"ms": statistics.median(times), "ms_min": min(times), "peak_mb": peak}
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def fmt(x: Any) -> str:
+        if isinstance(x, float):
+            return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
+        return str(x)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_result(name: str, title: str, env: dict[str, str], body: str, out_dir: Path | None = None) -> Path:
+    """Write `body` (markdown) under experiments/results/<name>.md with an environment header;
+    returns the path. Prints the same text."""
+    out_dir = RESULTS_DIR if out_dir is None else Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    header = "\n".join(f"- {k}: {v}" for k, v in env.items())
+    text = f"# {title}\n\n{header}\n\n{body}\n"
+    path = out_dir / f"{name}.md"
+    path.write_text(text)
+    print(text)
+    print(f"written: {path}")
+    return path
