@@ -12,12 +12,12 @@ one level, as a model's parameter dict); tangents have the same structure.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-Tree = Union[Tensor, Sequence[Tensor], Mapping[str, Tensor]]
+Tree = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
 HvpMode = Literal["rev_rev", "fwd_rev"]
 
 
@@ -30,7 +30,9 @@ def _flatten(tree: Tree) -> tuple[list[Tensor], Callable[[Sequence[Tensor]], Any
     if isinstance(tree, Sequence):
         kind = type(tree)
         return list(tree), lambda xs: kind(xs) if kind in (tuple, list) else tuple(xs)
-    raise TypeError(f"expected a Tensor, a sequence or a mapping of tensors; got {type(tree).__name__}")
+    raise TypeError(
+        f"expected a Tensor, a sequence or a mapping of tensors; got {type(tree).__name__}"
+    )
 
 
 def _apply(fn: Callable[..., Any], primals: Tree) -> Any:
@@ -59,12 +61,12 @@ def grad(fn: Callable[..., Tensor], primals: Tree, create_graph: bool = False) -
     with torch.enable_grad():
         out = _call(fn, unflatten(leaves))
         gs = torch.autograd.grad(out, leaves, create_graph=create_graph, allow_unused=True)
-    return unflatten([torch.zeros_like(p) if g is None else g for p, g in zip(leaves, gs, strict=True)])
+    return unflatten(
+        [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, gs, strict=True)]
+    )
 
 
-def hvp(
-    fn: Callable[..., Tensor], primals: Tree, tangents: Tree, mode: HvpMode = "rev_rev"
-) -> Any:
+def hvp(fn: Callable[..., Tensor], primals: Tree, tangents: Tree, mode: HvpMode = "rev_rev") -> Any:
     """Hessian of the scalar `fn` at `primals` applied to `tangents` (same structure)."""
     flat, unflatten = _flatten(primals)
     tflat, _ = _flatten(tangents)
@@ -76,9 +78,13 @@ def hvp(
             gs = torch.autograd.grad(out, leaves, create_graph=True)
             dot = sum((g * t).sum() for g, t in zip(gs, tflat, strict=True))
             hv = torch.autograd.grad(dot, leaves, allow_unused=True)
-        return unflatten([torch.zeros_like(p) if h is None else h for p, h in zip(leaves, hv, strict=True)])
+        return unflatten(
+            [torch.zeros_like(p) if h is None else h for p, h in zip(leaves, hv, strict=True)]
+        )
     if mode == "fwd_rev":
-        g = torch.func.grad(lambda *xs: _call(fn, unflatten(list(xs))), argnums=tuple(range(len(flat))))
+        g = torch.func.grad(
+            lambda *xs: _call(fn, unflatten(list(xs))), argnums=tuple(range(len(flat)))
+        )
         _, hv = torch.func.jvp(g, tuple(p.detach() for p in flat), tuple(tflat))
         return unflatten(list(hv))
     raise ValueError(f"hvp: mode must be 'rev_rev' or 'fwd_rev'; got {mode!r}")
@@ -97,8 +103,12 @@ def fd_hvp(fn: Callable[..., Tensor], primals: Tree, tangents: Tree, eps: float 
     flat, unflatten = _flatten(primals)
     tflat, _ = _flatten(tangents)
     _check_like(flat, tflat, "tangents")
-    plus = _flatten(grad(fn, unflatten([p.detach() + eps * t for p, t in zip(flat, tflat, strict=True)])))[0]
-    minus = _flatten(grad(fn, unflatten([p.detach() - eps * t for p, t in zip(flat, tflat, strict=True)])))[0]
+    plus = _flatten(
+        grad(fn, unflatten([p.detach() + eps * t for p, t in zip(flat, tflat, strict=True)]))
+    )[0]
+    minus = _flatten(
+        grad(fn, unflatten([p.detach() - eps * t for p, t in zip(flat, tflat, strict=True)]))
+    )[0]
     return unflatten([(a - b) / (2 * eps) for a, b in zip(plus, minus, strict=True)])
 
 
@@ -129,7 +139,9 @@ def check_hvp(
     flat, unflatten = _flatten(primals)
 
     def rand_dir() -> Tree:
-        ts = [torch.randn(p.shape, dtype=p.dtype, device=p.device, generator=generator) for p in flat]
+        ts = [
+            torch.randn(p.shape, dtype=p.dtype, device=p.device, generator=generator) for p in flat
+        ]
         n = torch.sqrt(sum((t.double() ** 2).sum() for t in ts))
         return unflatten([t / n.to(t.dtype) for t in ts])
 

@@ -35,7 +35,9 @@ def _blocks(S: int, block: int) -> Iterator[tuple[int, int]]:
 
 
 def _scores(q: Tensor, kb: Tensor, mask: Tensor | None, j0: int, problem: Problem) -> Tensor:
-    s = torch.matmul(q, kb.transpose(-2, -1)) * problem.scale  # (*B, L, E) @ (*B', E, b) -> (*B, L, b)
+    s = (
+        torch.matmul(q, kb.transpose(-2, -1)) * problem.scale
+    )  # (*B, L, E) @ (*B', E, b) -> (*B, L, b)
     return mask_scores(s, mask, j0, problem)
 
 
@@ -44,7 +46,9 @@ def _safe(lse: Tensor) -> Tensor:
     return torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
 
 
-def _probs(q: Tensor, kb: Tensor, mask: Tensor | None, j0: int, problem: Problem, lse0: Tensor) -> Tensor:
+def _probs(
+    q: Tensor, kb: Tensor, mask: Tensor | None, j0: int, problem: Problem, lse0: Tensor
+) -> Tensor:
     """P for one key block, from the saved row logsumexp: exp(s - lse)."""
     return torch.exp(_scores(q, kb, mask, j0, problem) - lse0.unsqueeze(-1))
 
@@ -68,8 +72,9 @@ def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return a if b is None else a + b
 
 
-
-def forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, problem: Problem) -> tuple[Tensor, Tensor]:
+def forward(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, problem: Problem
+) -> tuple[Tensor, Tensor]:
     """O (*B, L, Ev) and the row logsumexp lse (*B, L), one pass with the online softmax
     (Milakov & Gimelshein 2018; Dao et al. 2022, Alg. 1)."""
     m = l = acc = m0 = None

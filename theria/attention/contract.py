@@ -88,7 +88,9 @@ def canonicalize(
         if not isinstance(t, Tensor):
             raise TypeError(f"theria.sdpa: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() < 2:
-            raise ValueError(f"theria.sdpa: {name} must have at least 2 dims (..., N, E); got {_shape(t)}")
+            raise ValueError(
+                f"theria.sdpa: {name} must have at least 2 dims (..., N, E); got {_shape(t)}"
+            )
         if not t.is_floating_point():
             raise TypeError(f"theria.sdpa: {name} must be a floating-point tensor; got {_shape(t)}")
     for name, t in (("key", key), ("value", value)):
@@ -98,9 +100,7 @@ def canonicalize(
                 "cast them to one dtype"
             )
         if t.device != query.device:
-            raise ValueError(
-                f"theria.sdpa: {name} is on {t.device} but query is on {query.device}"
-            )
+            raise ValueError(f"theria.sdpa: {name} is on {t.device} but query is on {query.device}")
     if query.shape[-1] != key.shape[-1]:
         raise ValueError(
             "theria.sdpa: query and key must share the last (embedding) dim E: "
@@ -143,7 +143,8 @@ def canonicalize(
         if hq % hkv != 0:
             raise ValueError(
                 f"theria.sdpa: with enable_gqa=True the query heads ({hq}) must be a multiple "
-                f"of the key/value heads ({hkv}); query {tuple(query.shape)}, key {tuple(key.shape)}"
+                f"of the key/value heads ({hkv}); query {tuple(query.shape)}, "
+                f"key {tuple(key.shape)}"
             )
         g = hq // hkv
         q = query.unflatten(-3, (hkv, g))  # (..., Hq, L, E) -> (..., Hkv, G, L, E)
@@ -166,14 +167,18 @@ def canonicalize(
     mask = attn_mask
     if mask is not None:
         if not isinstance(mask, Tensor):
-            raise TypeError(f"theria.sdpa: attn_mask must be a Tensor or None, got {type(mask).__name__}")
+            raise TypeError(
+                f"theria.sdpa: attn_mask must be a Tensor or None, got {type(mask).__name__}"
+            )
         if mask.dtype != torch.bool and mask.dtype != query.dtype:
             raise TypeError(
                 f"theria.sdpa: attn_mask must be bool (True = attend) or have the query's dtype "
                 f"{query.dtype}; got {_shape(mask)}"
             )
         if mask.device != query.device:
-            raise ValueError(f"theria.sdpa: attn_mask is on {mask.device} but query is on {query.device}")
+            raise ValueError(
+                f"theria.sdpa: attn_mask is on {mask.device} but query is on {query.device}"
+            )
         full = (*batch, L, S) if not enable_gqa else (*query.shape[:-2], L, S)
         try:
             torch.broadcast_shapes(tuple(mask.shape), full)

@@ -22,7 +22,9 @@ def reference_attention(
 ) -> Tensor:
     """Attention on canonical inputs (see `contract.canonicalize`): q (*B, L, E), k (*B, S, E),
     v (*B, S, Ev), with batch dims that broadcast; returns (*B, L, Ev)."""
-    s = torch.matmul(q, k.transpose(-2, -1)) * problem.scale  # (*B, L, E) @ (*B, E, S) -> (*B, L, S)
+    s = (
+        torch.matmul(q, k.transpose(-2, -1)) * problem.scale
+    )  # (*B, L, E) @ (*B, E, S) -> (*B, L, S)
     s = mask_scores(s, mask, 0, problem)
     dead = torch.isneginf(s).all(dim=-1, keepdim=True)  # (*B, L, 1): rows with no key left
     # Softmax of an all -inf row is NaN (and so is its gradient); give such rows zeros instead.

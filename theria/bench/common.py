@@ -128,7 +128,9 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
-def write_result(name: str, title: str, env: dict[str, str], body: str, out_dir: Path | None = None) -> Path:
+def write_result(
+    name: str, title: str, env: dict[str, str], body: str, out_dir: Path | None = None
+) -> Path:
     """Write `body` (markdown) under experiments/results/<name>.md with an environment header;
     returns the path. Prints the same text."""
     out_dir = RESULTS_DIR if out_dir is None else Path(out_dir)
