@@ -166,6 +166,25 @@ def backward(
     return dq, dk, dv
 
 
+def lse_backward(
+    q: Tensor, k: Tensor, mask: Tensor | None, problem: Problem, lse: Tensor, d_lse: Tensor
+) -> tuple[Tensor, Tensor]:
+    """VJP of lse alone, cotangent d_lse (*B, L):  dS = P∘d_lse,  dQ = scale·dS K,
+    dK = scale·dSᵀ Q. (∂lse_i/∂S_ij = P_ij.) Needed only where a tangent of O, which depends on
+    lse, is differentiated in reverse mode."""
+    lse0 = _safe(lse)
+    dq = None
+    dks = []
+    for j0, j1 in _blocks(k.shape[-2], problem.block_size):
+        kb = k[..., j0:j1, :]
+        w = _probs(q, kb, mask, j0, problem, lse0) * d_lse.unsqueeze(-1)  # (*B, L, b)
+        dq = _add(dq, torch.matmul(w, kb))  # (*B, L, b) @ (*B', b, E) -> (*B, L, E)
+        dks.append(torch.matmul(w.transpose(-2, -1), q))  # (*B, b, L) @ (*B, L, E) -> (*B, b, E)
+    dq = (dq * problem.scale).sum_to_size(q.shape)
+    dk = (torch.cat(dks, dim=-2) * problem.scale).sum_to_size(k.shape)
+    return dq, dk
+
+
 def backward_jvp(
     q: Tensor,
     k: Tensor,

@@ -12,12 +12,13 @@ backward, backward_jvp): `blockwise` itself for the `torch` backend, the Triton 
 Function): nothing of size L×S.
 
 AttentionBackward's derivatives are total derivatives in (q, k, v, dO): `out` and `lse` are
-functions of q, k, v, and `backward_jvp` differentiates through them, so both are taken as
-constants by autograd (no gradient, tangent ignored). For third and higher orders (a
-`create_graph=True` pass through the second-order step), AttentionBackward.backward recomputes
-`out` and `lse` with graph and runs `blockwise.backward_jvp` under autograd, so every further
-derivative comes from autograd through exact formulas (exact, but that pass keeps its blockwise
-intermediates: O(L·S) memory at third order).
+functions of q, k, v, and `backward_jvp` differentiates through them, so the Function gives them
+no gradient and ignores their tangents. Both are still passed as graph-connected tensors (saved
+outputs of Attention, and `lse` is a differentiable output): when autograd records a graph
+*through* a second-order step (third and higher orders, or reverse-over-forward), the recorded
+blockwise ops reach back through `out` and `lse` into Attention, so every further derivative is
+exact. Such recorded steps run the differentiable `blockwise` ops (a kernel is not differentiable)
+and keep their blockwise intermediates: O(L·S) memory at that order.
 
 `setup_context` style with `generate_vmap_rule = True`, so torch.func (grad, vjp, jvp, vmap,
 jacrev, jacfwd, hessian) composes with both.
@@ -35,6 +36,15 @@ from theria.attention import blockwise
 from theria.attention.contract import Problem
 
 
+def _impl_for(impl: Any, *tensors: Tensor | None) -> Any:
+    """The implementation for a derivative step: `impl`, unless autograd is recording a graph
+    through this step (a higher-order composition), in which case the differentiable torch ops
+    of `blockwise` (kernels are not differentiable). Under torch.func transforms the blockwise
+    ops are always used by the torch backend, and are tracked by the outer levels."""
+    recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return blockwise if recording else impl
+
+
 class Attention(torch.autograd.Function):
     generate_vmap_rule = True
 
@@ -48,25 +58,34 @@ class Attention(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
         q, k, v, mask, problem, impl = inputs
         out, lse = output
-        ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, mask, out, lse)
         ctx.save_for_forward(q, k, v, mask, out, lse)
         ctx.problem, ctx.impl = problem, impl
 
     @staticmethod
-    def backward(ctx: Any, d_out: Tensor | None, _d_lse: Tensor | None) -> tuple:
-        if d_out is None:
-            return (None,) * 6
+    def backward(ctx: Any, d_out: Tensor | None, d_lse: Tensor | None) -> tuple:
         q, k, v, mask, out, lse = ctx.saved_tensors
-        dq, dk, dv = AttentionBackward.apply(q, k, v, mask, out, lse, d_out, ctx.problem, ctx.impl)
+        dq = dk = dv = None
+        if d_out is not None:
+            dq, dk, dv = AttentionBackward.apply(
+                q, k, v, mask, out, lse, d_out, ctx.problem, ctx.impl
+            )
+        if d_lse is not None:
+            # Only reverse-over-forward compositions reach this (the tangent of `out` depends
+            # on lse). Plain differentiable torch ops; `lse` is a saved output, so a graph built
+            # through here reaches back into this Function.
+            dq_l, dk_l = blockwise.lse_backward(q, k, mask, ctx.problem, lse, d_lse)
+            dq = dq_l if dq is None else dq + dq_l
+            dk = dk_l if dk is None else dk + dk_l
         return dq, dk, dv, None, None, None
 
     @staticmethod
     def jvp(ctx: Any, tq: Tensor | None, tk: Tensor | None, tv: Tensor | None, *_: Any) -> tuple:
         q, k, v, mask, out, lse = ctx.saved_tensors
-        o_dot, _mu = ctx.impl.forward_jvp(q, k, v, mask, ctx.problem, out, lse, tq, tk, tv)
-        return o_dot, None
+        impl = _impl_for(ctx.impl, q, k, v, out, tq, tk, tv)
+        o_dot, mu = impl.forward_jvp(q, k, v, mask, ctx.problem, out, lse, tq, tk, tv)
+        return o_dot, torch.zeros_like(lse) if mu is None else mu
 
 
 class AttentionBackward(torch.autograd.Function):
@@ -99,13 +118,7 @@ class AttentionBackward(torch.autograd.Function):
         q, k, v, mask, out, lse, d_out = ctx.saved_tensors
         if gq is None and gk is None and gv is None:
             return (None,) * 9
-        impl: Any = ctx.impl
-        if torch.is_grad_enabled():
-            # A graph is being built through this second-order step (third order and up):
-            # recompute out and lse as differentiable functions of q, k, v and let autograd
-            # record the blockwise formulas.
-            impl = blockwise
-            out, lse = blockwise.forward(q, k, v, mask, ctx.problem)
+        impl = _impl_for(ctx.impl, q, k, v, d_out, gq, gk, gv)
         hq, hk, hv, o_dot = impl.backward_jvp(
             q, k, v, mask, ctx.problem, out, lse, d_out, gq, gk, gv, None
         )
@@ -124,7 +137,8 @@ class AttentionBackward(torch.autograd.Function):
         *_: Any,
     ) -> tuple:
         q, k, v, mask, out, lse, d_out = ctx.saved_tensors
-        dq_dot, dk_dot, dv_dot, _ = ctx.impl.backward_jvp(
+        impl = _impl_for(ctx.impl, q, k, v, d_out, tq, tk, tv, td_out)
+        dq_dot, dk_dot, dv_dot, _ = impl.backward_jvp(
             q, k, v, mask, ctx.problem, out, lse, d_out, tq, tk, tv, td_out
         )
         return dq_dot, dk_dot, dv_dot
