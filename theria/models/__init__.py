@@ -1,0 +1,21 @@
+"""Models used functionally by the meta-learning algorithms.
+
+Transformer(TransformerConfig(dim, depth, heads, mlp_ratio, causal, embed, ..., attn))
+    pre-LN transformer; attn in ATTENTION_PATHS = theria, theria_torch, theria_triton,
+    reference, sdpa, sdpa_math
+MLP(MLPConfig(in_features=1, hidden=(40, 40), out_features=1))   the sinusoid baseline
+params = dict(model.named_parameters())
+torch.func.functional_call(model, params, x)
+"""
+
+from theria.models.attention import ATTENTION_PATHS, attention_fn
+from theria.models.transformer import MLP, MLPConfig, Transformer, TransformerConfig
+
+__all__ = [
+    "ATTENTION_PATHS",
+    "MLP",
+    "MLPConfig",
+    "Transformer",
+    "TransformerConfig",
+    "attention_fn",
+]
