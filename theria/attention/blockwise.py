@@ -28,10 +28,21 @@ from torch import Tensor
 
 from theria.attention.contract import Problem, mask_scores
 
+# `backward_jvp` accepts the tangents of out and lse (o_dot, mu) to skip its first pass.
+REUSES_TANGENT_STATS = True
+
 
 def _blocks(S: int, block: int) -> Iterator[tuple[int, int]]:
     for j0 in range(0, S, block):
         yield j0, min(j0 + block, S)
+
+
+def _rows(t: Tensor | None, j0: int, j1: int) -> Tensor | None:
+    """Rows [j0, j1) of a (..., S, X) tensor. A slice covering all of S is skipped: it would be
+    an alias op, which has no batching rule (vmap of the backward would fail)."""
+    if t is None or (j0 == 0 and j1 == t.shape[-2]):
+        return t
+    return t[..., j0:j1, :]
 
 
 def _scores(q: Tensor, kb: Tensor, mask: Tensor | None, j0: int, problem: Problem) -> Tensor:
@@ -79,14 +90,14 @@ def forward(
     (Milakov & Gimelshein 2018; Dao et al. 2022, Alg. 1)."""
     m = l = acc = m0 = None
     for j0, j1 in _blocks(k.shape[-2], problem.block_size):
-        s = _scores(q, k[..., j0:j1, :], mask, j0, problem)
+        s = _scores(q, _rows(k, j0, j1), mask, j0, problem)
         # The running max only stabilizes exp(); the result does not depend on it, so it
         # carries no gradient (this keeps the differentiable use of this function clean).
         m_blk = s.detach().amax(dim=-1)
         m_new = m_blk if m is None else torch.maximum(m, m_blk)
         m0 = _safe(m_new)
         p = torch.exp(s - m0.unsqueeze(-1))
-        pv = torch.matmul(p, v[..., j0:j1, :])  # (*B, L, b) @ (*B', b, Ev) -> (*B, L, Ev)
+        pv = torch.matmul(p, _rows(v, j0, j1))  # (*B, L, b) @ (*B', b, Ev) -> (*B, L, Ev)
         if m is None:
             l, acc = p.sum(dim=-1), pv
         else:
@@ -119,15 +130,15 @@ def forward_jvp(
     lse0 = _safe(lse)
     mu = a = b = None
     for j0, j1 in _blocks(k.shape[-2], problem.block_size):
-        kb, vb = k[..., j0:j1, :], v[..., j0:j1, :]
+        kb, vb = _rows(k, j0, j1), _rows(v, j0, j1)
         p = _probs(q, kb, mask, j0, problem, lse0)
-        sd = _score_tangent(q, kb, tq, None if tk is None else tk[..., j0:j1, :], problem.scale)
+        sd = _score_tangent(q, kb, tq, _rows(tk, j0, j1), problem.scale)
         if sd is not None:
             ps = p * sd
             mu = _add(mu, ps.sum(dim=-1))
             a = _add(a, torch.matmul(ps, vb))  # (*B, L, b) @ (*B', b, Ev) -> (*B, L, Ev)
         if tv is not None:
-            b = _add(b, torch.matmul(p, tv[..., j0:j1, :]))
+            b = _add(b, torch.matmul(p, _rows(tv, j0, j1)))
     o_dot = b
     if mu is not None:
         o_dot = _add(a - mu.unsqueeze(-1) * out, o_dot)
@@ -153,7 +164,7 @@ def backward(
     dq = None
     dks, dvs = [], []
     for j0, j1 in _blocks(k.shape[-2], problem.block_size):
-        kb, vb = k[..., j0:j1, :], v[..., j0:j1, :]
+        kb, vb = _rows(k, j0, j1), _rows(v, j0, j1)
         p = _probs(q, kb, mask, j0, problem, lse0)  # (*B, L, b)
         dvs.append(torch.matmul(p.transpose(-2, -1), do))  # (*B, b, L) @ (*B, L, Ev) -> (*B, b, Ev)
         dp = torch.matmul(do, vb.transpose(-2, -1))  # (*B, L, Ev) @ (*B', Ev, b) -> (*B, L, b)
@@ -176,7 +187,7 @@ def lse_backward(
     dq = None
     dks = []
     for j0, j1 in _blocks(k.shape[-2], problem.block_size):
-        kb = k[..., j0:j1, :]
+        kb = _rows(k, j0, j1)
         w = _probs(q, kb, mask, j0, problem, lse0) * d_lse.unsqueeze(-1)  # (*B, L, b)
         dq = _add(dq, torch.matmul(w, kb))  # (*B, L, b) @ (*B', b, E) -> (*B, L, E)
         dks.append(torch.matmul(w.transpose(-2, -1), q))  # (*B, b, L) @ (*B, L, E) -> (*B, b, E)
@@ -198,6 +209,8 @@ def backward_jvp(
     tk: Tensor | None,
     tv: Tensor | None,
     tdo: Tensor | None,
+    o_dot: Tensor | None = None,
+    mu: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor]:
     """The JVP of `backward` along (Q̇, K̇, V̇, dȮ), the total derivative (O and lse are
     functions of Q, K, V). Returns (dQ̇, dK̇, dV̇, Ȯ).
@@ -206,12 +219,14 @@ def backward_jvp(
     (symmetric) Hessian of f. So the same routine gives the double-backward VJP: for
     cotangents U on (dQ, dK, dV), the gradients are (H U) for Q, K, V and Ȯ(U) for dO.
 
-    Pass 1 (as `forward_jvp`): μ and Ȯ, then δ̇ = rowsum(dO∘Ȯ + dȮ∘O).
+    Pass 1 (as `forward_jvp`): μ and Ȯ, then δ̇ = rowsum(dO∘Ȯ + dȮ∘O). Skipped when the
+    caller already has Ȯ and μ (forward-over-reverse: they are the tangents of out and lse).
     Pass 2, per key block, with Ṗ = P∘(Ṡ − μ), dP = dO Vᵀ, dṖ = dO V̇ᵀ + dȮ Vᵀ:
         dS = P∘(dP − δ),   dṠ = Ṗ∘(dP − δ) + P∘(dṖ − δ̇)
         dQ̇ = scale·(dṠ K + dS K̇),  dK̇ = scale·(dṠᵀ Q + dSᵀ Q̇),  dV̇ = Ṗᵀ dO + Pᵀ dȮ
     """
-    o_dot, mu = forward_jvp(q, k, v, mask, problem, out, lse, tq, tk, tv)
+    if o_dot is None or mu is None:
+        o_dot, mu = forward_jvp(q, k, v, mask, problem, out, lse, tq, tk, tv)
     lse0 = _safe(lse)
     delta = (do * out).sum(dim=-1, keepdim=True)  # (*B, L, 1)
     delta_dot = (do * o_dot).sum(dim=-1, keepdim=True)
@@ -220,9 +235,9 @@ def backward_jvp(
     dq_dot = None
     dks, dvs = [], []
     for j0, j1 in _blocks(k.shape[-2], problem.block_size):
-        kb, vb = k[..., j0:j1, :], v[..., j0:j1, :]
-        tkb = None if tk is None else tk[..., j0:j1, :]
-        tvb = None if tv is None else tv[..., j0:j1, :]
+        kb, vb = _rows(k, j0, j1), _rows(v, j0, j1)
+        tkb = _rows(tk, j0, j1)
+        tvb = _rows(tv, j0, j1)
         p = _probs(q, kb, mask, j0, problem, lse0)  # (*B, L, b)
         sd = _score_tangent(q, kb, tq, tkb, problem.scale)
         pd = None if sd is None else p * (sd - mu.unsqueeze(-1))

@@ -58,14 +58,19 @@ def mask_scores(s: Tensor, mask: Tensor | None, j0: int, problem: Problem) -> Te
         # PyTorch aligns the causal mask to the top-left corner: ones(L, S).tril(0).
         s = s.masked_fill(cols > rows, float("-inf"))
     if mask is not None:
-        m = mask[..., j0 : j0 + b]
+        m = mask if (j0 == 0 and b == mask.shape[-1]) else mask[..., j0 : j0 + b]
         s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m
     return s
 
 
-def _check_broadcast(name_a: str, a: tuple[int, ...], name_b: str, b: tuple[int, ...]) -> None:
+def _check_broadcast(
+    name_a: str, a: tuple[int, ...], name_b: str, b: tuple[int, ...], gqa: bool
+) -> None:
     try:
-        torch.broadcast_shapes(a, b)
+        if gqa:  # the heads dims were checked already; the rest must broadcast
+            torch.broadcast_shapes(a[:-1], b[:-1])
+        else:
+            torch.broadcast_shapes(a, b)
     except RuntimeError:
         raise ValueError(
             f"theria.sdpa: the batch dimensions of {name_a} {a} and {name_b} {b} do not broadcast"
@@ -154,7 +159,6 @@ def canonicalize(
         def restore(out: Tensor) -> Tensor:
             return out.flatten(-4, -3)  # (..., Hkv, G, L, Ev) -> (..., Hq, L, Ev)
 
-    _check_broadcast("query", tuple(query.shape[:-2]), "key", tuple(key.shape[:-2]))
     if not enable_gqa and query.dim() >= 3 and key.dim() >= 3:
         hq, hkv = query.shape[-3], key.shape[-3]
         if hq != hkv and hkv != 1 and hq != 1:
@@ -162,7 +166,8 @@ def canonicalize(
                 f"theria.sdpa: query has {hq} heads and key {hkv}; pass enable_gqa=True for "
                 "grouped-query attention"
             )
-    batch = torch.broadcast_shapes(tuple(query.shape[:-2]), tuple(key.shape[:-2]))
+    _check_broadcast("query", tuple(query.shape[:-2]), "key", tuple(key.shape[:-2]), enable_gqa)
+    batch = torch.broadcast_shapes(tuple(q.shape[:-2]), tuple(k.shape[:-2]))
 
     mask = attn_mask
     if mask is not None:

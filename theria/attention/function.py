@@ -45,6 +45,24 @@ def _impl_for(impl: Any, *tensors: Tensor | None) -> Any:
     return blockwise if recording else impl
 
 
+def _reject_nested_forward() -> None:
+    """Forward-over-forward through a custom Function's `jvp` is silently wrong in torch.func
+    (the inner `jvp` runs below the outer forward level, so the outer level never sees how the
+    inner tangent depends on the primals). Refuse it loudly instead."""
+    try:
+        from torch._C._functorch import TransformType, get_interpreter_stack
+    except ImportError:  # pragma: no cover - older or newer torch without this API
+        return
+    stack = get_interpreter_stack() or []
+    if sum(1 for level in stack if level.key() == TransformType.Jvp) > 1:
+        raise NotImplementedError(
+            "theria.sdpa: forward-over-forward AD (jvp of jvp, jacfwd of jacfwd) is not "
+            "supported by the torch/triton backends: torch.func would silently drop the outer "
+            "derivative of a custom Function's jvp. Use forward-over-reverse (jacfwd(jacrev), "
+            "hessian) or reverse-over-forward, or backend='reference'."
+        )
+
+
 class Attention(torch.autograd.Function):
     generate_vmap_rule = True
 
@@ -82,6 +100,7 @@ class Attention(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx: Any, tq: Tensor | None, tk: Tensor | None, tv: Tensor | None, *_: Any) -> tuple:
+        _reject_nested_forward()
         q, k, v, mask, out, lse = ctx.saved_tensors
         impl = _impl_for(ctx.impl, q, k, v, out, tq, tk, tv)
         o_dot, mu = impl.forward_jvp(q, k, v, mask, ctx.problem, out, lse, tq, tk, tv)
@@ -136,10 +155,15 @@ class AttentionBackward(torch.autograd.Function):
         td_out: Tensor | None,
         *_: Any,
     ) -> tuple:
+        _reject_nested_forward()
         q, k, v, mask, out, lse, d_out = ctx.saved_tensors
         impl = _impl_for(ctx.impl, q, k, v, d_out, tq, tk, tv, td_out)
+        # The tangents of out and lse are Ȯ and μ, the first pass of backward_jvp.
+        stats = {}
+        if getattr(impl, "REUSES_TANGENT_STATS", False) and _tout is not None:
+            stats = {"o_dot": _tout, "mu": _tlse}
         dq_dot, dk_dot, dv_dot, _ = impl.backward_jvp(
-            q, k, v, mask, ctx.problem, out, lse, d_out, tq, tk, tv, td_out
+            q, k, v, mask, ctx.problem, out, lse, d_out, tq, tk, tv, td_out, **stats
         )
         return dq_dot, dk_dot, dv_dot
 

@@ -41,6 +41,21 @@ def environment(device: torch.device | str = "cpu") -> dict[str, str]:
     return env
 
 
+def _exact_cpu_rss() -> None:
+    """Make the resident set track live CPU tensors: glibc otherwise raises its mmap threshold
+    after large frees and keeps freed blocks, so a peak above a baseline would read too low.
+    With a fixed threshold, blocks over 1 MiB are mmapped and returned on free."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # from malloc.h
+        libc.mallopt(m_mmap_threshold, 1 << 20)
+        libc.mallopt(m_trim_threshold, 1 << 20)
+    except (OSError, AttributeError):  # not glibc: the sampled RSS is then an upper bound
+        pass
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -88,6 +103,8 @@ def measure(
     peak resident set above the level before the call. Returns {"ms", "ms_min", "peak_mb"}.
     An out-of-memory error is returned as {"oom": 1.0}."""
     device = torch.device(device)
+    if device.type == "cpu":
+        _exact_cpu_rss()
     try:
         for _ in range(warmup):
             fn()

@@ -1,0 +1,182 @@
+"""Forward semantics of theria.sdpa: parity with PyTorch's SDPA, masks, shapes, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import theria
+from tests.attention.cases import BLOCK, CASES, Case
+
+BACKENDS = ["reference", "torch"]
+
+
+def _torch_math(q, k, v, **kw):
+    with sdpa_kernel(SDPBackend.MATH):
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_pytorch_math_float64(case: Case, backend: str) -> None:
+    q, k, v, kw = case.build(torch.float64)
+    out = theria.sdpa(q, k, v, backend=backend, block_size=BLOCK, **kw)
+    expected = _torch_math(q, k, v, **kw)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_parity_with_math_sdpa(backend: str) -> None:
+    q, k, v = (torch.randn(2, 4, 97, 40) for _ in range(3))
+    mask = torch.randn(97, 97)
+    for kw in ({}, {"is_causal": True}, {"attn_mask": mask}):
+        out = theria.sdpa(q, k, v, backend=backend, block_size=32, **kw)
+        ref64 = _torch_math(
+            q.double(),
+            k.double(),
+            v.double(),
+            **{
+                key: (val.double() if isinstance(val, torch.Tensor) else val)
+                for key, val in kw.items()
+            },
+        )
+        same_dtype = _torch_math(q, k, v, **kw)
+        # The rule flash-attention uses: our float32 error against a float64 reference is at
+        # most ~2x the error of PyTorch's own float32 computation (plus a float32 ulp floor).
+        err = (out.double() - ref64).abs().max().item()
+        base = (same_dtype.double() - ref64).abs().max().item()
+        assert err <= 2 * base + 1e-6, (kw.keys(), err, base)
+
+
+def test_dead_rows_are_zero_not_nan() -> None:
+    q, k, v = (torch.randn(1, 3, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = torch.tensor([[True, False, True], [False, False, False], [True, True, True]])
+    for backend in BACKENDS:
+        out = theria.sdpa(q, k, v, attn_mask=mask, backend=backend)
+        assert torch.isfinite(out).all()
+        assert (out[0, 1] == 0).all()
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        assert all(torch.isfinite(g).all() for g in grads)
+        assert (grads[0][0, 1] == 0).all()  # the dead query row gets no gradient
+
+
+def test_float_mask_all_neg_inf_row_is_zero() -> None:
+    q, k, v = (torch.randn(3, 4, dtype=torch.float64) for _ in range(3))
+    mask = torch.zeros(3, 3, dtype=torch.float64)
+    mask[2] = float("-inf")
+    for backend in BACKENDS:
+        out = theria.sdpa(q, k, v, attn_mask=mask, backend=backend, block_size=2)
+        assert (out[2] == 0).all() and torch.isfinite(out).all()
+
+
+def test_non_contiguous_and_expanded_inputs() -> None:
+    base = torch.randn(2, 7, 3, 5, dtype=torch.float64)
+    q = base.transpose(1, 2)  # (2, 3, 7, 5), non-contiguous
+    k = torch.randn(1, 1, 6, 5, dtype=torch.float64).expand(2, 3, 6, 5)  # stride-0 dims
+    v = torch.randn(2, 3, 5, 6, dtype=torch.float64).transpose(-1, -2)
+    expected = _torch_math(q.contiguous(), k.contiguous(), v.contiguous())
+    for backend in BACKENDS:
+        out = theria.sdpa(q, k, v, backend=backend, block_size=4)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("block", [1, 2, 5, 7, 64])
+def test_any_block_size_gives_the_same_result(block: int) -> None:
+    q, k, v = (torch.randn(2, 5, 7, 3, dtype=torch.float64) for _ in range(3))
+    out = theria.sdpa(q, k, v, is_causal=True, backend="torch", block_size=block)
+    torch.testing.assert_close(out, _torch_math(q, k, v, is_causal=True), rtol=1e-12, atol=1e-12)
+
+
+def test_auto_is_torch_on_cpu_and_output_dtype() -> None:
+    q, k, v = (torch.randn(2, 3, 4) for _ in range(3))
+    out = theria.sdpa(q, k, v)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, theria.sdpa(q, k, v, backend="torch"))
+
+
+def test_dropout_reference_reproducible_and_auto_falls_back_visibly() -> None:
+    q, k, v = (torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    torch.manual_seed(1)
+    a = theria.sdpa(q, k, v, dropout_p=0.5, backend="reference")
+    torch.manual_seed(1)
+    b = theria.sdpa(q, k, v, dropout_p=0.5, backend="reference")
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, theria.sdpa(q, k, v, backend="reference"))
+    # The dropout mask lives in the graph: double backward sees the forward's mask.
+    assert torch.autograd.gradgradcheck(
+        lambda q, k, v: _seeded_dropout(q, k, v), (q, k, v), eps=1e-6, atol=1e-5
+    )
+    with pytest.raises(NotImplementedError, match="dropout_p"):
+        theria.sdpa(q, k, v, dropout_p=0.1, backend="torch")
+    import theria.attention.api as api
+
+    api._warned.discard("fallback:dropout_p")
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        theria.sdpa(q, k, v, dropout_p=0.1)
+
+
+def _seeded_dropout(q, k, v):
+    torch.manual_seed(3)
+    return theria.sdpa(q, k, v, dropout_p=0.3, backend="reference")
+
+
+def test_float_mask_requiring_grad() -> None:
+    q, k, v = (torch.randn(3, 4, dtype=torch.float64) for _ in range(3))
+    mask = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="attn_mask"):
+        theria.sdpa(q, k, v, attn_mask=mask, backend="torch")
+    with pytest.warns(RuntimeWarning, match="reference"):
+        out = theria.sdpa(q, k, v, attn_mask=mask)
+    (g,) = torch.autograd.grad(out.sum(), mask)
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(g, torch.autograd.grad(ref.sum(), mask)[0])
+
+
+def _qkv(qs=(2, 4), ks=(3, 4), vs=(3, 4), **dtypes):
+    return lambda: (
+        torch.randn(qs).to(dtypes.get("q", torch.float32)),
+        torch.randn(ks).to(dtypes.get("k", torch.float32)),
+        torch.randn(vs),
+    )
+
+
+_B = torch.bool
+BAD_INPUTS = [
+    ("query must have at least 2 dims", _qkv(qs=(4,)), {}),
+    ("share the last", _qkv(ks=(3, 5)), {}),
+    ("same sequence length", _qkv(vs=(5, 4)), {}),
+    ("key dtype", _qkv(k=torch.float64), {}),
+    ("floating-point", _qkv(q=torch.long), {}),
+    ("do not broadcast", _qkv((2, 5, 2, 4), (3, 5, 3, 4), (3, 5, 3, 4)), {}),
+    ("enable_gqa", _qkv((1, 4, 2, 4), (1, 2, 3, 4), (1, 2, 3, 4)), {}),
+    ("multiple", _qkv((1, 3, 2, 4), (1, 2, 3, 4), (1, 2, 3, 4)), {"enable_gqa": True}),
+    ("attn_mask .* does not broadcast", _qkv(), {"attn_mask": torch.ones(2, 2, dtype=_B)}),
+    ("attn_mask must be bool", _qkv(), {"attn_mask": torch.ones(2, 3, dtype=torch.long)}),
+    (
+        "either attn_mask or is_causal",
+        _qkv(),
+        {"attn_mask": torch.ones(2, 3, dtype=_B), "is_causal": True},
+    ),
+    ("dropout_p must be", _qkv(), {"dropout_p": 1.0}),
+    ("backend must be", _qkv(), {"backend": "flash"}),
+    ("block_size", _qkv(), {"block_size": 0}),
+    ("needs CUDA tensors", _qkv(), {"backend": "triton"}),
+]
+
+
+@pytest.mark.parametrize("match,build,kw", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_gets_a_clear_error(match, build, kw, monkeypatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v = build()
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        theria.sdpa(q, k, v, **kw)
+
+
+def test_error_names_shapes() -> None:
+    with pytest.raises(ValueError) as e:
+        theria.sdpa(torch.randn(2, 4), torch.randn(3, 5), torch.randn(3, 4))
+    assert "(2, 4)" in str(e.value) and "(3, 5)" in str(e.value)
