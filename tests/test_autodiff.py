@@ -50,7 +50,7 @@ def test_dict_primals_and_jvp() -> None:
     hv_rr = autodiff.hvp(f, params, tang, "rev_rev")
     for key in hv:
         torch.testing.assert_close(hv[key], hv_rr[key])
-    out, dot = autodiff.jvp(f, params, tang)
+    _out, dot = autodiff.jvp(f, params, tang)
     g = autodiff.grad(f, params)
     torch.testing.assert_close(dot, (g["w"] * tang["w"]).sum() + (g["b"] * tang["b"]).sum())
 

@@ -29,7 +29,7 @@ def problems(draw):
     elif kind in ("bool", "float"):
         # a mask broadcast from a random subset of the leading dims
         full = (*batch, hq, L, S)
-        mshape = tuple(d if draw(st.booleans()) else 1 for d in full[:-2]) + (L, S)
+        mshape = (*tuple(d if draw(st.booleans()) else 1 for d in full[:-2]), L, S)
         mshape = mshape[draw(st.integers(0, len(mshape) - 2)) :]
         if kind == "bool":
             kw["attn_mask"] = torch.rand(mshape, generator=g) > 0.3
