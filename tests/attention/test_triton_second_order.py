@@ -1,0 +1,271 @@
+"""The Triton second-order kernels (`kernels.second_order.backward_jvp`) on the CPU through
+Triton's interpreter: against the `torch` backend's spec (`blockwise.backward_jvp`) directly, and
+end to end through `theria.sdpa(backend="triton")` against the `reference` backend (double
+backward, forward-over-reverse, gradgradcheck, third order) in float64, plus float32."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import pytest
+import torch
+from torch.func import grad, jvp
+
+import theria
+from tests.attention.cases import CASES, Case
+from theria.attention import blockwise
+from theria.attention.contract import Canonical, canonicalize
+
+pytestmark = pytest.mark.triton_interpret
+
+
+@pytest.fixture(scope="module")
+def so():
+    """`kernels.second_order`, run through Triton's interpreter. TRITON_INTERPRET=1 must be set
+    before Triton is first imported (tests/conftest.py does it where no GPU is visible)."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("TRITON_INTERPRET=1 was not set before Triton was imported")
+    from theria.attention.kernels import second_order
+
+    if not second_order.INTERPRET:
+        pytest.fail("kernels.second_order was built before TRITON_INTERPRET=1 was set")
+    return second_order
+
+
+def _canonical(case: Case, dtype: torch.dtype, block: int = 3) -> Canonical:
+    q, k, v, kw = case.build(dtype)
+    return canonicalize(
+        q,
+        k,
+        v,
+        kw.get("attn_mask"),
+        0.0,
+        kw.get("is_causal", False),
+        kw.get("scale"),
+        kw.get("enable_gqa", False),
+        block,
+    )
+
+
+# Which tangents are given: the double-backward VJP passes no dȮ; forward-over-reverse all four.
+TANGENTS = {
+    "all": "qkvd",
+    "double_backward": "qkv",
+    "q": "q",
+    "k_dO": "kd",
+    "v": "v",
+}
+
+
+def _run(so, c: Canonical, which: str):
+    out, lse = blockwise.forward(c.q, c.k, c.v, c.mask, c.problem)
+    do = torch.randn_like(out)
+    t = {
+        "q": torch.randn_like(c.q),
+        "k": torch.randn_like(c.k),
+        "v": torch.randn_like(c.v),
+        "d": torch.randn_like(out),
+    }
+    tq, tk, tv, tdo = (t[x] if x in which else None for x in "qkvd")
+    args = (c.q, c.k, c.v, c.mask, c.problem, out, lse, do, tq, tk, tv, tdo)
+    return so.backward_jvp(*args), args
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("tangents", ["all", "double_backward"])
+def test_matches_blockwise_float64(so, case: Case, tangents: str) -> None:
+    c = _canonical(case, torch.float64)
+    got, args = _run(so, c, TANGENTS[tangents])
+    want = blockwise.backward_jvp(*args)
+    for name, g, w, like in zip(
+        ("dq_dot", "dk_dot", "dv_dot", "o_dot"), got, want, (*args[:3], args[5]), strict=True
+    ):
+        assert g.shape == like.shape, name
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=name)
+        assert torch.isfinite(g).all(), name
+
+
+@pytest.mark.parametrize("tangents", ["q", "k_dO", "v"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[6]], ids=str)
+def test_partial_tangents_float64(so, case: Case, tangents: str) -> None:
+    """Tangents given as None are zero (and their matmuls skipped)."""
+    c = _canonical(case, torch.float64)
+    got, args = _run(so, c, TANGENTS[tangents])
+    for g, w in zip(got, blockwise.backward_jvp(*args), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_no_tangent_is_zero(so) -> None:
+    c = _canonical(CASES[0], torch.float64)
+    got, _ = _run(so, c, "")
+    assert all(bool((g == 0).all()) for g in got)
+
+
+def test_dead_rows_give_zeros(so) -> None:
+    """A fully masked row: zero Ȯ and no contribution anywhere (never NaN)."""
+    c = _canonical(CASES[3], torch.float64)  # bool mask, row 1 masked out entirely
+    (dq, dk, dv, o_dot), _ = _run(so, c, "qkvd")
+    assert (o_dot[..., 1, :] == 0).all() and (dq[..., 1, :] == 0).all()
+    assert torch.isfinite(dk).all() and torch.isfinite(dv).all()
+
+
+def _odd_problem(dtype: torch.dtype, causal: bool):
+    """Odd sizes, head dims that are not powers of two, several tiles in each direction."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 37, 40, generator=g, dtype=torch.float64)
+    k = torch.randn(1, 45, 40, generator=g, dtype=torch.float64)  # broadcast over the batch
+    v = torch.randn(1, 45, 24, generator=g, dtype=torch.float64)
+    mask = None if causal else torch.rand(37, 45, generator=g) > 0.2
+    c64 = canonicalize(q, k, v, mask, 0.0, causal, None, False, 16)
+    return c64, canonicalize(
+        q.to(dtype), k.to(dtype), v.to(dtype), mask, 0.0, causal, None, False, 16
+    )
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_float32_two_times_rule(so, causal: bool) -> None:
+    """float32 kernel error against float64 at most 2× (+ a float32 ulp-level floor) the error of
+    the same computation in float32 torch ops (flash-attention's rule)."""
+    c64, c32 = _odd_problem(torch.float32, causal)
+    gen = torch.Generator().manual_seed(2)
+    out64, lse64 = blockwise.forward(c64.q, c64.k, c64.v, c64.mask, c64.problem)
+    do, tq, tk, tv, tdo = (
+        torch.randn(x.shape, generator=gen, dtype=torch.float64)
+        for x in (out64, c64.q, c64.k, c64.v, out64)
+    )
+    want = blockwise.backward_jvp(
+        c64.q, c64.k, c64.v, c64.mask, c64.problem, out64, lse64, do, tq, tk, tv, tdo
+    )
+    f32 = [x.float() for x in (out64, lse64, do, tq, tk, tv, tdo)]
+    out, lse, do32, tq32, tk32, tv32, tdo32 = f32
+    args = (c32.q, c32.k, c32.v, c32.mask, c32.problem, out, lse, do32, tq32, tk32, tv32, tdo32)
+    got = so.backward_jvp(*args)
+    peer = blockwise.backward_jvp(*args)
+    for name, g, p, w in zip(("dq_dot", "dk_dot", "dv_dot", "o_dot"), got, peer, want, strict=True):
+        err = (g.double() - w).abs().max().item()
+        err_peer = (p.double() - w).abs().max().item()
+        # 2× the peer's error, plus 1e-5 · max|w| (a few float32 ulps of the result's scale)
+        # so that a peer that happens to be exact does not demand an exact kernel.
+        bound = 2 * err_peer + 1e-5 * w.abs().max().item()
+        assert err <= bound, f"{name}: error {err:.3e} > bound {bound:.3e} (peer {err_peer:.3e})"
+
+
+def test_bad_tangent_shape(so) -> None:
+    c = _canonical(CASES[0], torch.float64)
+    out, lse = blockwise.forward(c.q, c.k, c.v, c.mask, c.problem)
+    with pytest.raises(ValueError, match="tk has shape"):
+        so.backward_jvp(c.q, c.k, c.v, None, c.problem, out, lse, out, None, c.q, None, None)
+
+
+# ------------------------------------------------------------------ end to end via theria.sdpa
+
+
+@pytest.fixture(scope="module")
+def triton_impl(so):
+    try:
+        mod = importlib.import_module("theria.attention.triton_impl")
+    except ImportError as e:
+        pytest.fail(f"theria.attention.triton_impl is not importable: {e}")
+    assert mod._second_order() is so.backward_jvp, "triton_impl does not call these kernels"
+    return mod
+
+
+def _loss(backend: str, kw: dict):
+    f = functools.partial(theria.sdpa, backend=backend, **kw)
+
+    def loss(q, k, v):
+        out = f(q, k, v)
+        return (out.sin() * out).sum() + 0.3 * (out**2).sum()  # a non-trivial dO(out)
+
+    return loss
+
+
+def _inputs(case: Case, dtype=torch.float64):
+    q, k, v, kw = case.build(dtype)
+    return tuple(t.requires_grad_(True) for t in (q, k, v)), kw
+
+
+def _double_backward(loss, args, u):
+    g = torch.autograd.grad(loss(*args), args, create_graph=True)
+    dot = sum((gi * ui).sum() for gi, ui in zip(g, u, strict=True))
+    return torch.autograd.grad(dot, args)
+
+
+def _fwd_rev(loss, args, u):
+    return jvp(grad(loss, argnums=(0, 1, 2)), tuple(a.detach() for a in args), u)[1]
+
+
+@pytest.mark.parametrize("mode", ["rev_rev", "fwd_rev"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_sdpa_hvp_matches_reference(triton_impl, case: Case, mode: str) -> None:
+    args, kw = _inputs(case)
+    u = tuple(torch.randn_like(a) for a in args)
+    hvp = _double_backward if mode == "rev_rev" else _fwd_rev
+    got = hvp(_loss("triton", kw), args, u)
+    want = hvp(_loss("reference", kw), args, u)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", [CASES[2], CASES[9]], ids=str)
+def test_gradgradcheck(triton_impl, case: Case) -> None:
+    args, kw = _inputs(case)
+    fn = functools.partial(theria.sdpa, backend="triton", **kw)
+    assert torch.autograd.gradgradcheck(fn, args, check_fwd_over_rev=True, fast_mode=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_gradgradcheck_full(triton_impl, case: Case) -> None:
+    args, kw = _inputs(case)
+    fn = functools.partial(theria.sdpa, backend="triton", **kw)
+    assert torch.autograd.gradgradcheck(fn, args, check_fwd_over_rev=True)
+
+
+def test_third_order_through_torch_backend(triton_impl) -> None:
+    """Past second order the triton backend hands over to the blockwise torch formulas."""
+    args, kw = _inputs(CASES[1])
+    u = tuple(torch.randn_like(a) for a in args)
+    w = tuple(torch.randn_like(a) for a in args)
+
+    def third(backend):
+        loss = _loss(backend, kw)
+        g = torch.autograd.grad(loss(*args), args, create_graph=True)
+        hu = torch.autograd.grad(
+            sum((gi * ui).sum() for gi, ui in zip(g, u, strict=True)), args, create_graph=True
+        )
+        hw = sum((hi * wi).sum() for hi, wi in zip(hu, w, strict=True))
+        return torch.autograd.grad(hw, args)
+
+    for g, r in zip(third("triton"), third("reference"), strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("causal", [False, True])
+def test_sdpa_hvp_larger(triton_impl, causal: bool) -> None:
+    """Sizes over several tiles (L = 97, S = 70, E = 72, Ev = 40) end to end, both HVP modes:
+    float64 against `reference`, float32 by the 2× rule against float64."""
+    torch.manual_seed(3)
+    shapes = ((1, 2, 97, 72), (1, 2, 70, 72), (1, 2, 70, 40))
+    x64 = tuple(torch.randn(s, dtype=torch.float64) for s in shapes)
+    u64 = tuple(torch.randn_like(a) for a in x64)
+    kw = {"is_causal": causal}
+    for hvp in (_double_backward, _fwd_rev):
+
+        def run(backend, dtype, hvp=hvp):
+            args = tuple(a.to(dtype).requires_grad_(True) for a in x64)
+            return hvp(_loss(backend, kw), args, tuple(t.to(dtype) for t in u64))
+
+        want = run("reference", torch.float64)
+        for g, w in zip(run("triton", torch.float64), want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+        for g, p, w in zip(
+            run("triton", torch.float32), run("reference", torch.float32), want, strict=True
+        ):
+            err, err_peer = (g.double() - w).abs().max(), (p.double() - w).abs().max()
+            # 2× the float32 reference's error plus a float32-ulp floor at the result's scale.
+            assert err <= 2 * err_peer + 1e-5 * w.abs().max()

@@ -1,0 +1,594 @@
+"""Triton kernels for the second-order piece of attention: the JVP of the attention backward.
+
+`backward_jvp` has exactly the semantics of `theria.attention.blockwise.backward_jvp` (its
+docstring is the specification; docs/MATH.md derives the formulas). One routine serves both
+second-order modes, because the backward is the gradient of f = ⟨dO, O(Q, K, V)⟩ and its
+Jacobian is the symmetric Hessian of f:
+
+    double backward (MAML's `grad(create_graph=True)` then `grad`): tangents (Q̇, K̇, V̇) are the
+        cotangents of (dQ, dK, dV), dȮ = None, and Ȯ is the gradient for dO;
+    forward-over-reverse (`torch.func.jvp(torch.func.grad(f))`): all four tangents given.
+
+Three kernels, flash-style (Dao et al. 2022, FlashAttention, Alg. 2 for the split of the
+backward into a key-block and a query-block loop; Dao 2023, FlashAttention-2 §3.1 for
+recomputing P from the saved row logsumexp). With P = exp(S − lse), Ṡ = scale·(Q̇Kᵀ + QK̇ᵀ):
+
+    _attn_hvp_rowstats  per query block, over keys:  μ = rowsum(P∘Ṡ),
+                        Ȯ = (P∘Ṡ)V − μ∘O + PV̇,  δ = rowsum(dO∘O),  δ̇ = rowsum(dO∘Ȯ + dȮ∘O)
+    _attn_hvp_dq        per query block, over keys:  dQ̇ = scale·(dṠ K + dS K̇)
+    _attn_hvp_dkdv      per key block, over queries: dK̇ = scale·(dṠᵀQ + dSᵀQ̇),
+                                                      dV̇ = ṖᵀdO + PᵀdȮ
+    with Ṗ = P∘(Ṡ − μ), dS = P∘(dOVᵀ − δ), dṠ = Ṗ∘(dOVᵀ − δ) + P∘(dOV̇ᵀ + dȮVᵀ − δ̇).
+
+Memory: besides the inputs and outputs, four fp32 row statistics (*B, L); nothing L×S. Each
+(BLOCK_M, BLOCK_N) tile of S, P, Ṡ, dS, dṠ lives in registers only.
+
+Batch dims: inputs are in canonical form (`contract.canonicalize`), q (*Bq, L, E),
+k (*Bk, S, E), v (*Bk, S, Ev), with *Bq and *Bk broadcasting to *B (grouped-query attention is
+such a broadcast). Nothing is expanded: each program maps its flat index z over *B to the
+batch element of q and of k through small index tables, and a program that writes dQ̇ (dK̇, dV̇)
+sums over every z that shares its q (k) element, so broadcast inputs get reduced gradients
+without a (*B, ...) copy. Masks keep their strides (a broadcast mask costs no memory).
+
+Limits: head dims E, Ev ≤ 256; float16/bfloat16 use tensor cores with fp32 accumulation;
+float32 uses IEEE fp32 dots (not TF32, to keep PyTorch's float32 accuracy); float64 (for the
+interpreter tests) accumulates in float64. Rows whose every key is masked give zeros.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from theria.attention.contract import Problem
+
+MAX_HEAD_DIM = 256
+
+# Tile shapes per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages), keyed by the padded head dim.
+# GPU values chosen by the sweep in theria/bench/hvp.py (`--sweep`) on an H100; the
+# interpreter uses the smallest tiles tl.dot accepts (16), which keeps the CPU tests fast.
+CONFIGS: dict[str, dict[int, tuple[int, int, int, int]]] = {
+    "rowstats": {64: (128, 64, 8, 3), 128: (128, 64, 8, 2), 256: (64, 32, 8, 2)},
+    "dq": {64: (128, 64, 8, 3), 128: (64, 64, 8, 2), 256: (32, 32, 8, 2)},
+    "dkdv": {64: (64, 128, 8, 3), 128: (32, 64, 8, 2), 256: (16, 32, 8, 2)},
+}
+_INTERPRET_CONFIG = (16, 16, 1, 1)
+
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the kernels are built
+
+
+def _config(kernel: str, block_e: int) -> tuple[int, int, int, int]:
+    if INTERPRET:
+        return _INTERPRET_CONFIG
+    table = CONFIGS[kernel]
+    return table[min(d for d in table if d >= block_e)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels: pointers (UPPER case), strides, sizes and constexpr tile shapes only.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr, ACC: tl.constexpr):
+    return tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
+
+
+@triton.jit
+def _probs(
+    q,
+    k,
+    lse,
+    offs_m,
+    offs_n,
+    L,
+    S,
+    MASK,
+    mask_base,
+    stride_mm,
+    stride_mn,
+    scale,
+    MASK_KIND: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PREC: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """P = exp(scale·q kᵀ + mask − lse) for one (BLOCK_M, BLOCK_N) tile; 0 where masked or
+    outside the (L, S) problem. `lse` is the saved logsumexp with −inf (empty rows) set to 0."""
+    s = _dot(q, tl.trans(k), PREC, ACC) * scale  # (M, E) @ (E, N) -> (M, N)
+    keep = (offs_m[:, None] < L) & (offs_n[None, :] < S)
+    if CAUSAL:
+        keep = keep & (offs_n[None, :] <= offs_m[:, None])  # top-left aligned, as PyTorch's
+    if MASK_KIND != 0:
+        m_ptrs = MASK + mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
+        m = tl.load(m_ptrs, mask=keep, other=0)
+        if MASK_KIND == 1:  # bool mask, True = attend
+            keep = keep & (m != 0)
+        else:  # additive float mask
+            s = s + m.to(ACC)
+    s = tl.where(keep, s, float("-inf"))
+    return tl.exp(s - lse[:, None])
+
+
+@triton.jit
+def _score_tangent(
+    q,
+    tq,
+    k,
+    tk,
+    scale,
+    HAS_TQ: tl.constexpr,
+    HAS_TK: tl.constexpr,
+    PREC: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """Ṡ = scale·(Q̇ kᵀ + q K̇ᵀ) for one tile (the mask is constant: no tangent)."""
+    if HAS_TQ:
+        sd = _dot(tq, tl.trans(k), PREC, ACC)  # (M, E) @ (E, N) -> (M, N)
+        if HAS_TK:
+            sd += _dot(q, tl.trans(tk), PREC, ACC)
+    else:
+        sd = _dot(q, tl.trans(tk), PREC, ACC)
+    return sd * scale
+
+
+@triton.jit
+def _hvp_tile(
+    q,
+    tq,
+    k,
+    tk,
+    v,
+    tv,
+    do,
+    tdo,
+    lse,
+    mu,
+    delta,
+    delta_dot,
+    offs_m,
+    offs_n,
+    L,
+    S,
+    MASK,
+    mask_base,
+    stride_mm,
+    stride_mn,
+    scale,
+    HAS_TQ: tl.constexpr,
+    HAS_TK: tl.constexpr,
+    HAS_TV: tl.constexpr,
+    HAS_TDO: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PREC: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """P, Ṗ, dS, dṠ for one (BLOCK_M, BLOCK_N) tile (Ṗ is 0 when Ṡ = 0; callers skip it)."""
+    p = _probs(
+        q, k, lse, offs_m, offs_n, L, S, MASK, mask_base, stride_mm, stride_mn, scale,
+        MASK_KIND, CAUSAL, PREC, ACC,
+    )  # fmt: skip
+    dp_c = _dot(do, tl.trans(v), PREC, ACC) - delta[:, None]  # dO Vᵀ − δ: (M, Ev) @ (Ev, N)
+    ds = p * dp_c
+    if HAS_TV or HAS_TDO:
+        if HAS_TV:
+            dpd = _dot(do, tl.trans(tv), PREC, ACC)  # dȮ-free part: dO V̇ᵀ
+            if HAS_TDO:
+                dpd += _dot(tdo, tl.trans(v), PREC, ACC)
+        else:
+            dpd = _dot(tdo, tl.trans(v), PREC, ACC)  # dȮ Vᵀ
+        dsd = p * (dpd - delta_dot[:, None])
+    else:
+        dsd = -p * delta_dot[:, None]
+    if HAS_TQ or HAS_TK:
+        sd = _score_tangent(q, tq, k, tk, scale, HAS_TQ, HAS_TK, PREC, ACC)
+        pd = p * (sd - mu[:, None])
+        dsd += pd * dp_c
+    else:
+        pd = p
+    return p, pd, ds, dsd
+
+
+@triton.jit
+def _load_rows(PTR, base, offs_m, offs_e, L, E: tl.constexpr):
+    """A (BLOCK_M, BLOCK_E) tile of a contiguous (…, L, E) tensor; zeros outside."""
+    ptrs = PTR + base + offs_m[:, None] * E + offs_e[None, :]
+    return tl.load(ptrs, mask=(offs_m[:, None] < L) & (offs_e[None, :] < E), other=0.0)
+
+
+@triton.jit
+def _load_stats(LSE, MU, DELTA, DELTA_DOT, zl, offs_m, L, ACC: tl.constexpr):
+    """The row statistics of BLOCK_M rows: lse (−inf, an empty row, read as 0), μ, δ, δ̇."""
+    rows = offs_m < L
+    lse = tl.load(LSE + zl + offs_m, mask=rows, other=0.0).to(ACC)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    mu = tl.load(MU + zl + offs_m, mask=rows, other=0.0)
+    delta = tl.load(DELTA + zl + offs_m, mask=rows, other=0.0)
+    delta_dot = tl.load(DELTA_DOT + zl + offs_m, mask=rows, other=0.0)
+    return lse, mu, delta, delta_dot
+
+
+@triton.jit
+def _attn_hvp_rowstats(
+    Q, K, V, TQ, TK, TV, O, DO, TDO, LSE, MASK,
+    ODOT, MU, DELTA, DELTA_DOT,
+    QB, KB, MOFF,
+    stride_mm, stride_mn, L, S, SCALE,
+    E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr, HAS_TDO: tl.constexpr,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """Pass 1, one program per (z, query block): μ, Ȯ, δ, δ̇ for BLOCK_M rows."""
+    scale = tl.load(SCALE)
+    n_m = tl.cdiv(L, BLOCK_M)
+    pid = tl.program_id(0)
+    z = pid // n_m
+    start_m = (pid % n_m) * BLOCK_M
+    qb = tl.load(QB + z).to(tl.int64)
+    kb = tl.load(KB + z).to(tl.int64)
+    mask_base = tl.load(MOFF + z)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    rows = offs_m < L
+    zl = z.to(tl.int64) * L
+
+    q = _load_rows(Q, qb * L * E, offs_m, offs_e, L, E)
+    tq = q
+    if HAS_TQ:
+        tq = _load_rows(TQ, qb * L * E, offs_m, offs_e, L, E)
+    lse = tl.load(LSE + zl + offs_m, mask=rows, other=0.0).to(ACC)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
+
+    mu = tl.zeros([BLOCK_M], dtype=ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_EV], dtype=ACC)  # (P∘Ṡ)V, then Ȯ
+    hi = S
+    if CAUSAL:
+        hi = tl.minimum(S, start_m + BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k = _load_rows(K, kb * S * E, offs_n, offs_e, S, E)
+        p = _probs(
+            q, k, lse, offs_m, offs_n, L, S, MASK, mask_base, stride_mm, stride_mn, scale,
+            MASK_KIND, CAUSAL, PREC, ACC,
+        )  # fmt: skip
+        if HAS_TQ or HAS_TK:
+            tk = k
+            if HAS_TK:
+                tk = _load_rows(TK, kb * S * E, offs_n, offs_e, S, E)
+            ps = p * _score_tangent(q, tq, k, tk, scale, HAS_TQ, HAS_TK, PREC, ACC)
+            mu += tl.sum(ps, axis=1)
+            v = _load_rows(V, kb * S * EV, offs_n, offs_ev, S, EV)
+            acc += _dot(ps.to(v.dtype), v, PREC, ACC)  # (M, N) @ (N, Ev) -> (M, Ev)
+        if HAS_TV:
+            tv = _load_rows(TV, kb * S * EV, offs_n, offs_ev, S, EV)
+            acc += _dot(p.to(tv.dtype), tv, PREC, ACC)  # P V̇: (M, N) @ (N, Ev) -> (M, Ev)
+
+    o = _load_rows(O, zl * EV, offs_m, offs_ev, L, EV).to(ACC)
+    do = _load_rows(DO, zl * EV, offs_m, offs_ev, L, EV).to(ACC)
+    o_dot = acc - mu[:, None] * o
+    delta = tl.sum(do * o, axis=1)
+    delta_dot = tl.sum(do * o_dot, axis=1)
+    if HAS_TDO:
+        tdo = _load_rows(TDO, zl * EV, offs_m, offs_ev, L, EV).to(ACC)
+        delta_dot += tl.sum(tdo * o, axis=1)
+    o_ptrs = ODOT + zl * EV + offs_m[:, None] * EV + offs_ev[None, :]
+    tl.store(o_ptrs, o_dot.to(ODOT.dtype.element_ty), mask=rows[:, None] & (offs_ev[None, :] < EV))
+    tl.store(MU + zl + offs_m, mu, mask=rows)
+    tl.store(DELTA + zl + offs_m, delta, mask=rows)
+    tl.store(DELTA_DOT + zl + offs_m, delta_dot, mask=rows)
+
+
+@triton.jit
+def _attn_hvp_dq(
+    Q, K, V, TQ, TK, TV, DO, TDO, LSE, MASK,
+    MU, DELTA, DELTA_DOT, DQ_DOT,
+    KB, MOFF, QGROUP, GQ,
+    stride_mm, stride_mn, L, S, SCALE,
+    E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr, HAS_TDO: tl.constexpr,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """Pass 2a, one program per (q batch element, query block): dQ̇, summed over the GQ flat
+    batch indices z that share this q element (QGROUP row), each over all key blocks."""
+    scale = tl.load(SCALE)
+    n_m = tl.cdiv(L, BLOCK_M)
+    pid = tl.program_id(0)
+    qb = (pid // n_m).to(tl.int64)
+    start_m = (pid % n_m) * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    rows = offs_m < L
+
+    q = _load_rows(Q, qb * L * E, offs_m, offs_e, L, E)
+    tq = q
+    if HAS_TQ:
+        tq = _load_rows(TQ, qb * L * E, offs_m, offs_e, L, E)
+    acc = tl.zeros([BLOCK_M, BLOCK_E], dtype=ACC)
+    hi = S
+    if CAUSAL:
+        hi = tl.minimum(S, start_m + BLOCK_M)
+    for g in range(0, GQ):
+        z = tl.load(QGROUP + qb * GQ + g).to(tl.int64)
+        kb = tl.load(KB + z).to(tl.int64)
+        mask_base = tl.load(MOFF + z)
+        zl = z * L
+        do = _load_rows(DO, zl * EV, offs_m, offs_ev, L, EV)
+        tdo = do
+        if HAS_TDO:
+            tdo = _load_rows(TDO, zl * EV, offs_m, offs_ev, L, EV)
+        lse, mu, delta, delta_dot = _load_stats(LSE, MU, DELTA, DELTA_DOT, zl, offs_m, L, ACC)
+        for start_n in range(0, hi, BLOCK_N):
+            offs_n = start_n + offs_n0
+            k = _load_rows(K, kb * S * E, offs_n, offs_e, S, E)
+            v = _load_rows(V, kb * S * EV, offs_n, offs_ev, S, EV)
+            tk = k
+            if HAS_TK:
+                tk = _load_rows(TK, kb * S * E, offs_n, offs_e, S, E)
+            tv = v
+            if HAS_TV:
+                tv = _load_rows(TV, kb * S * EV, offs_n, offs_ev, S, EV)
+            _p, _pd, ds, dsd = _hvp_tile(
+                q, tq, k, tk, v, tv, do, tdo, lse, mu, delta, delta_dot, offs_m, offs_n, L, S,
+                MASK, mask_base, stride_mm, stride_mn, scale,
+                HAS_TQ, HAS_TK, HAS_TV, HAS_TDO, MASK_KIND, CAUSAL, PREC, ACC,
+            )  # fmt: skip
+            acc += _dot(dsd.to(k.dtype), k, PREC, ACC)  # dṠ K: (M, N) @ (N, E) -> (M, E)
+            if HAS_TK:
+                acc += _dot(ds.to(tk.dtype), tk, PREC, ACC)  # dS K̇
+    ptrs = DQ_DOT + qb * L * E + offs_m[:, None] * E + offs_e[None, :]
+    out = (acc * scale).to(DQ_DOT.dtype.element_ty)
+    tl.store(ptrs, out, mask=rows[:, None] & (offs_e[None, :] < E))
+
+
+@triton.jit
+def _attn_hvp_dkdv(
+    Q, K, V, TQ, TK, TV, DO, TDO, LSE, MASK,
+    MU, DELTA, DELTA_DOT, DK_DOT, DV_DOT,
+    QB, MOFF, KGROUP, GK,
+    stride_mm, stride_mn, L, S, SCALE,
+    E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr, HAS_TDO: tl.constexpr,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """Pass 2b, one program per (k batch element, key block): dK̇ and dV̇, summed over the GK
+    flat batch indices z that share this k element (KGROUP row), each over all query blocks."""
+    scale = tl.load(SCALE)
+    n_n = tl.cdiv(S, BLOCK_N)
+    pid = tl.program_id(0)
+    kb = (pid // n_n).to(tl.int64)
+    start_n = (pid % n_n) * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    cols = offs_n < S
+
+    k = _load_rows(K, kb * S * E, offs_n, offs_e, S, E)
+    v = _load_rows(V, kb * S * EV, offs_n, offs_ev, S, EV)
+    tk = k
+    if HAS_TK:
+        tk = _load_rows(TK, kb * S * E, offs_n, offs_e, S, E)
+    tv = v
+    if HAS_TV:
+        tv = _load_rows(TV, kb * S * EV, offs_n, offs_ev, S, EV)
+    dk = tl.zeros([BLOCK_N, BLOCK_E], dtype=ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_EV], dtype=ACC)
+    lo = 0
+    if CAUSAL:
+        lo = (start_n // BLOCK_M) * BLOCK_M  # rows i < start_n see none of these keys
+    for g in range(0, GK):
+        z = tl.load(KGROUP + kb * GK + g).to(tl.int64)
+        qb = tl.load(QB + z).to(tl.int64)
+        mask_base = tl.load(MOFF + z)
+        zl = z * L
+        for start_m in range(lo, L, BLOCK_M):
+            offs_m = start_m + offs_m0
+            q = _load_rows(Q, qb * L * E, offs_m, offs_e, L, E)
+            tq = q
+            if HAS_TQ:
+                tq = _load_rows(TQ, qb * L * E, offs_m, offs_e, L, E)
+            do = _load_rows(DO, zl * EV, offs_m, offs_ev, L, EV)
+            tdo = do
+            if HAS_TDO:
+                tdo = _load_rows(TDO, zl * EV, offs_m, offs_ev, L, EV)
+            lse, mu, delta, delta_dot = _load_stats(LSE, MU, DELTA, DELTA_DOT, zl, offs_m, L, ACC)
+            p, pd, ds, dsd = _hvp_tile(
+                q, tq, k, tk, v, tv, do, tdo, lse, mu, delta, delta_dot, offs_m, offs_n, L, S,
+                MASK, mask_base, stride_mm, stride_mn, scale,
+                HAS_TQ, HAS_TK, HAS_TV, HAS_TDO, MASK_KIND, CAUSAL, PREC, ACC,
+            )  # fmt: skip
+            # (N, M) @ (M, E) -> (N, E)
+            dk += _dot(tl.trans(dsd).to(q.dtype), q, PREC, ACC)  # dṠᵀ Q
+            if HAS_TQ:
+                dk += _dot(tl.trans(ds).to(tq.dtype), tq, PREC, ACC)  # dSᵀ Q̇
+            if HAS_TQ or HAS_TK:
+                dv += _dot(tl.trans(pd).to(do.dtype), do, PREC, ACC)  # Ṗᵀ dO: (N, M) @ (M, Ev)
+            if HAS_TDO:
+                dv += _dot(tl.trans(p).to(tdo.dtype), tdo, PREC, ACC)  # Pᵀ dȮ
+    dk_ptrs = DK_DOT + kb * S * E + offs_n[:, None] * E + offs_e[None, :]
+    tl.store(
+        dk_ptrs,
+        (dk * scale).to(DK_DOT.dtype.element_ty),
+        mask=cols[:, None] & (offs_e[None, :] < E),
+    )
+    dv_ptrs = DV_DOT + kb * S * EV + offs_n[:, None] * EV + offs_ev[None, :]
+    tl.store(dv_ptrs, dv.to(DV_DOT.dtype.element_ty), mask=cols[:, None] & (offs_ev[None, :] < EV))
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side: checks, batch index tables, allocation, grids.
+# ----------------------------------------------------------------------------------------------
+
+
+def _batch_index(shape: tuple[int, ...], batch: tuple[int, ...], device: torch.device) -> Tensor:
+    """For each flat index z over `batch`, the flat index of the element of a tensor with batch
+    dims `shape` (broadcast to `batch`) that z reads: int32 (Z,)."""
+    shape = (1,) * (len(batch) - len(shape)) + tuple(shape)
+    n = math.prod(shape)
+    idx = torch.arange(n, device=device, dtype=torch.int32).view(shape)
+    return idx.expand(batch).reshape(-1).contiguous()  # a real (Z,) table, not a stride-0 view
+
+
+def _group(index: Tensor, n: int) -> Tensor:
+    """The flat indices z grouped by the element they read: int32 (n, Z // n), row b lists the
+    z with index[z] == b."""
+    order = torch.argsort(index, stable=True).to(torch.int32)
+    return order.view(n, -1)
+
+
+def _mask_args(
+    mask: Tensor | None, batch: tuple[int, ...], L: int, S: int, ref: Tensor
+) -> tuple[Tensor, Tensor, int, int, int]:
+    """(mask pointer, int64 (Z,) offsets per flat batch index, stride over L, over S, kind)."""
+    Z = math.prod(batch)
+    if mask is None:
+        return ref, torch.zeros(Z, device=ref.device, dtype=torch.int64), 0, 0, 0
+    if mask.dim() > len(batch) + 2:
+        raise ValueError(
+            f"backward_jvp: mask {tuple(mask.shape)} has more dims than the attention "
+            f"(batch {batch}, L={L}, S={S})"
+        )
+    m = mask.expand(*batch, L, S)  # a view: broadcast dims get stride 0
+    off = torch.zeros(batch, device=mask.device, dtype=torch.int64)
+    for d, n in enumerate(batch):
+        view = [1] * len(batch)
+        view[d] = n
+        off = off + (torch.arange(n, device=mask.device, dtype=torch.int64) * m.stride(d)).view(
+            view
+        )
+    kind = 1 if m.dtype == torch.bool else 2
+    ptr = m.view(torch.uint8) if kind == 1 else m
+    return ptr, off.reshape(-1), m.stride(-2), m.stride(-1), kind
+
+
+def _check(name: str, t: Tensor | None, shape: tuple[int, ...], ref: Tensor) -> Tensor | None:
+    """`t` checked against `shape` and `ref`'s device, contiguous in `ref`'s dtype."""
+    if t is None:
+        return None
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(
+            f"backward_jvp: {name} has shape {tuple(t.shape)}, dtype {t.dtype}; "
+            f"expected shape {tuple(shape)}"
+        )
+    if t.device != ref.device:
+        raise ValueError(f"backward_jvp: {name} is on {t.device}, expected {ref.device}")
+    return t.to(ref.dtype).contiguous()
+
+
+def backward_jvp(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    problem: Problem,
+    out: Tensor,
+    lse: Tensor,
+    do: Tensor,
+    tq: Tensor | None,
+    tk: Tensor | None,
+    tv: Tensor | None,
+    tdo: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The JVP of the attention backward along (Q̇, K̇, V̇, dȮ); returns (dQ̇, dK̇, dV̇, Ȯ).
+
+    Same contract as `theria.attention.blockwise.backward_jvp`:
+        q (*Bq, L, E), k (*Bk, S, E), v (*Bk, S, Ev), *Bq and *Bk broadcasting to *B;
+        mask None or bool/float broadcastable to (*B, L, S); out, do (*B, L, Ev); lse (*B, L);
+        tangents None (= zero) or shaped like their primal.
+    Returns dQ̇ like q, dK̇ like k, dV̇ like v, Ȯ like out (never None).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise TypeError(f"backward_jvp: {name} has dtype {t.dtype}; expected a float dtype")
+    L, E = q.shape[-2:]
+    S, Ev = v.shape[-2:]
+    if max(E, Ev) > MAX_HEAD_DIM:
+        raise ValueError(
+            f"backward_jvp: head dims E={E}, Ev={Ev} exceed the kernels' limit {MAX_HEAD_DIM}"
+        )
+    batch = tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]))
+    Z = math.prod(batch)
+    dtype, device = q.dtype, q.device
+    tq = _check("tq", tq, tuple(q.shape), q)
+    tk = _check("tk", tk, tuple(k.shape), q)
+    tv = _check("tv", tv, tuple(v.shape), q)
+    tdo = _check("tdo", tdo, (*batch, L, Ev), q)
+    if tq is None and tk is None and tv is None and tdo is None:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(out)
+    o = _check("out", out, (*batch, L, Ev), q)
+    do = _check("do", do, (*batch, L, Ev), q)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    lse = lse.expand(*batch, L).contiguous()
+    acc_t = torch.float64 if dtype == torch.float64 else torch.float32
+    qb = _batch_index(tuple(q.shape[:-2]), batch, device)
+    kb = _batch_index(tuple(k.shape[:-2]), batch, device)
+    Zq, Zk = math.prod(q.shape[:-2]), math.prod(k.shape[:-2])
+    m_ptr, m_off, stride_mm, stride_mn, mask_kind = _mask_args(mask, batch, L, S, q)
+
+    o_dot = torch.empty((*batch, L, Ev), device=device, dtype=out.dtype)
+    mu, delta, delta_dot = (torch.empty((Z, L), device=device, dtype=acc_t) for _ in range(3))
+    dq_dot = torch.empty_like(q)
+    dk_dot = torch.empty_like(k)
+    dv_dot = torch.empty_like(v)
+
+    flags = dict(
+        E=E,
+        EV=Ev,
+        BLOCK_E=max(16, triton.next_power_of_2(E)),
+        BLOCK_EV=max(16, triton.next_power_of_2(Ev)),
+        HAS_TQ=tq is not None,
+        HAS_TK=tk is not None,
+        HAS_TV=tv is not None,
+        HAS_TDO=tdo is not None,
+        MASK_KIND=mask_kind,
+        CAUSAL=problem.is_causal,
+        PREC="ieee" if dtype in (torch.float32, torch.float64) else "tf32",
+        ACC=tl.float64 if dtype == torch.float64 else tl.float32,
+    )
+    block_e = max(flags["BLOCK_E"], flags["BLOCK_EV"])
+    # A tangent given as None is never read (its HAS_ flag is off); pass q as a placeholder.
+    tq_, tk_, tv_, tdo_ = (t if t is not None else q for t in (tq, tk, tv, tdo))
+    # The scale as a one-element tensor: a Python float would reach the kernel as float32.
+    scale = torch.tensor([problem.scale], device=device, dtype=acc_t)
+
+    bm, bn, warps, stages = _config("rowstats", block_e)
+    _attn_hvp_rowstats[(Z * triton.cdiv(L, bm),)](
+        q, k, v, tq_, tk_, tv_, o, do, tdo_, lse, m_ptr,
+        o_dot, mu, delta, delta_dot,
+        qb, kb, m_off,
+        stride_mm, stride_mn, L, S, scale,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags,
+    )  # fmt: skip
+
+    bm, bn, warps, stages = _config("dq", block_e)
+    _attn_hvp_dq[(Zq * triton.cdiv(L, bm),)](
+        q, k, v, tq_, tk_, tv_, do, tdo_, lse, m_ptr,
+        mu, delta, delta_dot, dq_dot,
+        kb, m_off, _group(qb, Zq), Z // Zq,
+        stride_mm, stride_mn, L, S, scale,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags,
+    )  # fmt: skip
+
+    bm, bn, warps, stages = _config("dkdv", block_e)
+    _attn_hvp_dkdv[(Zk * triton.cdiv(S, bn),)](
+        q, k, v, tq_, tk_, tv_, do, tdo_, lse, m_ptr,
+        mu, delta, delta_dot, dk_dot, dv_dot,
+        qb, m_off, _group(kb, Zk), Z // Zk,
+        stride_mm, stride_mn, L, S, scale,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags,
+    )  # fmt: skip
+    return dq_dot, dk_dot, dv_dot, o_dot
