@@ -45,10 +45,9 @@ def _rows(t: Tensor | None, j0: int, j1: int) -> Tensor | None:
     return t[..., j0:j1, :]
 
 
-def _scores(q: Tensor, kb: Tensor, mask: Tensor | None, j0: int, problem: Problem) -> Tensor:
-    s = (
-        torch.matmul(q, kb.transpose(-2, -1)) * problem.scale
-    )  # (*B, L, E) @ (*B', E, b) -> (*B, L, b)
+def _scores(qs: Tensor, kb: Tensor, mask: Tensor | None, j0: int, problem: Problem) -> Tensor:
+    """Masked scores of one key block; `qs` is q·scale (scaled once per call, not per block)."""
+    s = torch.matmul(qs, kb.transpose(-2, -1))  # (*B, L, E) @ (*B', E, b) -> (*B, L, b)
     return mask_scores(s, mask, j0, problem)
 
 
@@ -58,23 +57,29 @@ def _safe(lse: Tensor) -> Tensor:
 
 
 def _probs(
-    q: Tensor, kb: Tensor, mask: Tensor | None, j0: int, problem: Problem, lse0: Tensor
+    qs: Tensor, kb: Tensor, mask: Tensor | None, j0: int, problem: Problem, lse0: Tensor
 ) -> Tensor:
     """P for one key block, from the saved row logsumexp: exp(s - lse)."""
-    return torch.exp(_scores(q, kb, mask, j0, problem) - lse0.unsqueeze(-1))
+    s = _scores(qs, kb, mask, j0, problem)
+    if torch.is_grad_enabled():  # recorded by autograd (higher orders): out of place
+        return torch.exp(s - lse0.unsqueeze(-1))
+    return s.sub_(lse0.unsqueeze(-1)).exp_()  # s is a fresh temporary: save two L×b passes
 
 
-def _score_tangent(
-    q: Tensor, kb: Tensor, tq: Tensor | None, tkb: Tensor | None, scale: float
-) -> Tensor | None:
-    """Ṡ = scale·(Q̇ Kᵀ + Q K̇ᵀ) for one key block; the mask is constant, so it has no tangent."""
+def _score_tangent(qs: Tensor, kb: Tensor, tqs: Tensor | None, tkb: Tensor | None) -> Tensor | None:
+    """Ṡ = scale·(Q̇ Kᵀ + Q K̇ᵀ) for one key block, from qs = scale·Q and tqs = scale·Q̇; the
+    mask is constant, so it has no tangent."""
     sd = None
-    if tq is not None:
-        sd = torch.matmul(tq, kb.transpose(-2, -1))  # (*B, L, E) @ (*B', E, b) -> (*B, L, b)
+    if tqs is not None:
+        sd = torch.matmul(tqs, kb.transpose(-2, -1))  # (*B, L, E) @ (*B', E, b) -> (*B, L, b)
     if tkb is not None:
-        t = torch.matmul(q, tkb.transpose(-2, -1))
+        t = torch.matmul(qs, tkb.transpose(-2, -1))
         sd = t if sd is None else sd + t
-    return None if sd is None else sd * scale
+    return sd
+
+
+def _scaled(t: Tensor | None, scale: float) -> Tensor | None:
+    return None if t is None else t * scale
 
 
 def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -88,9 +93,10 @@ def forward(
 ) -> tuple[Tensor, Tensor]:
     """O (*B, L, Ev) and the row logsumexp lse (*B, L), one pass with the online softmax
     (Milakov & Gimelshein 2018; Dao et al. 2022, Alg. 1)."""
+    qs = q * problem.scale
     m = l = acc = m0 = None
     for j0, j1 in _blocks(k.shape[-2], problem.block_size):
-        s = _scores(q, _rows(k, j0, j1), mask, j0, problem)
+        s = _scores(qs, _rows(k, j0, j1), mask, j0, problem)
         # The running max only stabilizes exp(); the result does not depend on it, so it
         # carries no gradient (this keeps the differentiable use of this function clean).
         m_blk = s.detach().amax(dim=-1)
@@ -128,11 +134,12 @@ def forward_jvp(
 
     Returns (Ȯ (*B, L, Ev), μ (*B, L) — the tangent of lse — or None when Ṡ = 0)."""
     lse0 = _safe(lse)
+    qs, tqs = q * problem.scale, _scaled(tq, problem.scale)
     mu = a = b = None
     for j0, j1 in _blocks(k.shape[-2], problem.block_size):
         kb, vb = _rows(k, j0, j1), _rows(v, j0, j1)
-        p = _probs(q, kb, mask, j0, problem, lse0)
-        sd = _score_tangent(q, kb, tq, _rows(tk, j0, j1), problem.scale)
+        p = _probs(qs, kb, mask, j0, problem, lse0)
+        sd = _score_tangent(qs, kb, tqs, _rows(tk, j0, j1))
         if sd is not None:
             ps = p * sd
             mu = _add(mu, ps.sum(dim=-1))
@@ -160,19 +167,20 @@ def backward(
     """VJP with cotangent dO:  dV = Pᵀ dO,  dS = P∘(dO Vᵀ − δ),  dQ = scale·dS K,
     dK = scale·dSᵀ Q,  with δ = rowsum(dO∘O)."""
     lse0 = _safe(lse)
+    qs = q * problem.scale
     delta = (do * out).sum(dim=-1, keepdim=True)  # (*B, L, 1)
     dq = None
     dks, dvs = [], []
     for j0, j1 in _blocks(k.shape[-2], problem.block_size):
         kb, vb = _rows(k, j0, j1), _rows(v, j0, j1)
-        p = _probs(q, kb, mask, j0, problem, lse0)  # (*B, L, b)
+        p = _probs(qs, kb, mask, j0, problem, lse0)  # (*B, L, b)
         dvs.append(torch.matmul(p.transpose(-2, -1), do))  # (*B, b, L) @ (*B, L, Ev) -> (*B, b, Ev)
         dp = torch.matmul(do, vb.transpose(-2, -1))  # (*B, L, Ev) @ (*B', Ev, b) -> (*B, L, b)
         ds = p * (dp - delta)
         dq = _add(dq, torch.matmul(ds, kb))  # (*B, L, b) @ (*B', b, E) -> (*B, L, E)
-        dks.append(torch.matmul(ds.transpose(-2, -1), q))  # (*B, b, L) @ (*B, L, E) -> (*B, b, E)
+        dks.append(torch.matmul(ds.transpose(-2, -1), qs))  # (*B, b, L) @ (*B, L, E) -> (*B, b, E)
     dq = (dq * problem.scale).sum_to_size(q.shape)
-    dk = (torch.cat(dks, dim=-2) * problem.scale).sum_to_size(k.shape)
+    dk = torch.cat(dks, dim=-2).sum_to_size(k.shape)
     dv = torch.cat(dvs, dim=-2).sum_to_size(v.shape)
     return dq, dk, dv
 
@@ -184,15 +192,16 @@ def lse_backward(
     dK = scale·dSᵀ Q. (∂lse_i/∂S_ij = P_ij.) Needed only where a tangent of O, which depends on
     lse, is differentiated in reverse mode."""
     lse0 = _safe(lse)
+    qs = q * problem.scale
     dq = None
     dks = []
     for j0, j1 in _blocks(k.shape[-2], problem.block_size):
         kb = _rows(k, j0, j1)
-        w = _probs(q, kb, mask, j0, problem, lse0) * d_lse.unsqueeze(-1)  # (*B, L, b)
+        w = _probs(qs, kb, mask, j0, problem, lse0) * d_lse.unsqueeze(-1)  # (*B, L, b)
         dq = _add(dq, torch.matmul(w, kb))  # (*B, L, b) @ (*B', b, E) -> (*B, L, E)
-        dks.append(torch.matmul(w.transpose(-2, -1), q))  # (*B, b, L) @ (*B, L, E) -> (*B, b, E)
+        dks.append(torch.matmul(w.transpose(-2, -1), qs))  # (*B, b, L) @ (*B, L, E) -> (*B, b, E)
     dq = (dq * problem.scale).sum_to_size(q.shape)
-    dk = (torch.cat(dks, dim=-2) * problem.scale).sum_to_size(k.shape)
+    dk = torch.cat(dks, dim=-2).sum_to_size(k.shape)
     return dq, dk
 
 
@@ -228,6 +237,7 @@ def backward_jvp(
     if o_dot is None or mu is None:
         o_dot, mu = forward_jvp(q, k, v, mask, problem, out, lse, tq, tk, tv)
     lse0 = _safe(lse)
+    qs, tqs = q * problem.scale, _scaled(tq, problem.scale)
     delta = (do * out).sum(dim=-1, keepdim=True)  # (*B, L, 1)
     delta_dot = (do * o_dot).sum(dim=-1, keepdim=True)
     if tdo is not None:
@@ -238,8 +248,8 @@ def backward_jvp(
         kb, vb = _rows(k, j0, j1), _rows(v, j0, j1)
         tkb = _rows(tk, j0, j1)
         tvb = _rows(tv, j0, j1)
-        p = _probs(q, kb, mask, j0, problem, lse0)  # (*B, L, b)
-        sd = _score_tangent(q, kb, tq, tkb, problem.scale)
+        p = _probs(qs, kb, mask, j0, problem, lse0)  # (*B, L, b)
+        sd = _score_tangent(qs, kb, tqs, tkb)
         pd = None if sd is None else p * (sd - mu.unsqueeze(-1))
         dp = torch.matmul(do, vb.transpose(-2, -1))  # (*B, L, Ev) @ (*B', Ev, b) -> (*B, L, b)
         dpd = None
@@ -251,14 +261,14 @@ def backward_jvp(
         ds = p * dp_c
         dsd = p * ((0.0 if dpd is None else dpd) - delta_dot)
         if pd is not None:
-            dsd = dsd + pd * dp_c
+            dsd = torch.addcmul(dsd, pd, dp_c)
         # (*B, L, b) @ (*B', b, E) -> (*B, L, E)
         dq_dot = _add(dq_dot, torch.matmul(dsd, kb))
         if tkb is not None:
             dq_dot = dq_dot + torch.matmul(ds, tkb)
-        dk_blk = torch.matmul(dsd.transpose(-2, -1), q)  # (*B, b, L) @ (*B, L, E) -> (*B, b, E)
-        if tq is not None:
-            dk_blk = dk_blk + torch.matmul(ds.transpose(-2, -1), tq)
+        dk_blk = torch.matmul(dsd.transpose(-2, -1), qs)  # (*B, b, L) @ (*B, L, E) -> (*B, b, E)
+        if tqs is not None:
+            dk_blk = dk_blk + torch.matmul(ds.transpose(-2, -1), tqs)
         dks.append(dk_blk)
         dv_blk = None if pd is None else torch.matmul(pd.transpose(-2, -1), do)
         if tdo is not None:
@@ -267,6 +277,6 @@ def backward_jvp(
             dv_blk = torch.zeros_like(vb).expand(*p.shape[:-2], *vb.shape[-2:])
         dvs.append(dv_blk)
     dq_dot = (dq_dot * problem.scale).sum_to_size(q.shape)
-    dk_dot = (torch.cat(dks, dim=-2) * problem.scale).sum_to_size(k.shape)
+    dk_dot = torch.cat(dks, dim=-2).sum_to_size(k.shape)
     dv_dot = torch.cat(dvs, dim=-2).sum_to_size(v.shape)
     return dq_dot, dk_dot, dv_dot, o_dot
