@@ -1,0 +1,234 @@
+"""The first-order Triton kernels (forward, JVP, backward) under TRITON_INTERPRET=1 on the CPU.
+
+Checked in float64 and float32 against the `torch` (blockwise) and `reference` backends, on
+small odd shapes: masks (key padding, dense bool with fully masked rows, additive float),
+causal, GQA, broadcast batches, L != S, head dims that are not powers of two.
+
+TRITON_INTERPRET must be set before the kernels are built (when
+`theria.attention.kernels.first_order` is first imported): this module sets it at import,
+which pytest does at collection, before any test runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+# tests/conftest.py sets it on GPU-less machines; this covers running the file elsewhere.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import theria
+from theria.attention import triton_impl
+
+pytestmark = pytest.mark.triton_interpret
+
+
+@pytest.fixture(autouse=True)
+def _interpreted() -> None:
+    if not triton_impl.INTERPRET:
+        pytest.skip(
+            "TRITON_INTERPRET is not 1 in this process (set to 0, or the kernels were built "
+            "before it was set): the interpreter tests need TRITON_INTERPRET=1"
+        )
+
+
+# (name, B, Hq, Hkv, L, S, E, Ev, mask kind, causal)
+CASES = [
+    ("plain", 1, 2, 2, 5, 7, 3, 4, None, False),
+    ("causal-L>S", 2, 1, 1, 19, 11, 20, 9, None, True),
+    ("causal-L<S", 1, 2, 2, 9, 23, 8, 8, None, True),
+    ("key-padding", 2, 2, 2, 17, 21, 8, 6, "padding", False),
+    ("dense-bool-empty-rows", 1, 2, 2, 13, 18, 5, 5, "dense", False),
+    ("additive", 1, 2, 2, 11, 19, 7, 7, "float", False),
+    ("gqa", 1, 4, 2, 10, 13, 6, 6, "padding", False),
+]
+
+
+def _inputs(case, dtype):
+    _, B, Hq, Hkv, L, S, E, Ev, mask_kind, causal = case
+    q = torch.randn(B, Hq, L, E, dtype=dtype)
+    k = torch.randn(B, Hkv, S, E, dtype=dtype)
+    v = torch.randn(B, Hkv, S, Ev, dtype=dtype)
+    mask = None
+    if mask_kind == "padding":  # key padding, broadcast over heads and queries: (B, 1, 1, S)
+        lengths = torch.tensor([S, S - 5])[:B]
+        mask = (torch.arange(S) < lengths[:, None])[:, None, None, :]
+    elif mask_kind == "dense":  # full (B, H, L, S), with rows 0 and 4 fully masked
+        mask = torch.rand(B, Hq, L, S) > 0.4
+        mask[:, :, 0] = False
+        mask[:, 1, 4] = False
+    elif mask_kind == "float":  # additive, with -inf entries and one fully -inf row
+        mask = torch.randn(B, Hq, L, S, dtype=dtype)
+        mask[torch.rand(B, Hq, L, S) > 0.7] = float("-inf")
+        mask[:, 0, 3] = float("-inf")
+    kwargs = dict(attn_mask=mask, is_causal=causal, enable_gqa=Hq != Hkv)
+    return q, k, v, kwargs
+
+
+def _tol(dtype):
+    # float64: the kernels and the oracles differ only by summation order (~1e-15 relative);
+    # float32: by float32 rounding over sums of at most a few dozen terms.
+    return dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
+
+
+def _sdpa(backend, **kwargs):
+    return lambda q, k, v: theria.sdpa(q, k, v, backend=backend, block_size=4, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_forward_vjp_jvp_match_torch_and_reference(case, dtype):
+    q, k, v, kw = _inputs(case, dtype)
+    tri, ref, tor = _sdpa("triton", **kw), _sdpa("reference", **kw), _sdpa("torch", **kw)
+    tol = _tol(dtype)
+    prim = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_())
+    out = tri(*prim)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref(*prim), **tol)
+    torch.testing.assert_close(out, tor(*prim), **tol)
+
+    do = torch.randn_like(out)
+    g_tri = torch.autograd.grad(out, prim, do)
+    g_ref = torch.autograd.grad(ref(*prim), prim, do)
+    g_tor = torch.autograd.grad(tor(*prim), prim, do)
+    for a, b, c in zip(g_tri, g_ref, g_tor, strict=True):
+        assert a.shape == b.shape and torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, **tol)
+        torch.testing.assert_close(a, c, **tol)
+
+    tangents = tuple(torch.randn_like(x) for x in prim)
+    detached = tuple(x.detach() for x in prim)
+    o_tri, t_tri = torch.func.jvp(tri, detached, tangents)
+    _, t_ref = torch.func.jvp(ref, detached, tangents)
+    torch.testing.assert_close(t_tri, t_ref, **tol)
+    # the fused forward + JVP pass gives the same pair
+    o_f, t_f = triton_impl.sdpa_jvp(*detached, *tangents, scale=None, **kw)
+    torch.testing.assert_close(o_f, o_tri, **tol)
+    torch.testing.assert_close(t_f, t_ref, **tol)
+
+
+def test_partial_tangents_and_cotangent_broadcast():
+    """Tangents given for some inputs only (the kernels skip the others' matmuls), and a
+    query batch that broadcasts against the keys' (its gradient is reduced)."""
+    q = torch.randn(1, 6, 5, dtype=torch.float64)  # (1, L, E) broadcast against B = 3
+    k = torch.randn(3, 9, 5, dtype=torch.float64)
+    v = torch.randn(3, 9, 4, dtype=torch.float64)
+    tri, ref = _sdpa("triton"), _sdpa("reference")
+    for which in range(3):
+        t = [torch.zeros_like(x) for x in (q, k, v)]
+        t[which] = torch.randn_like(t[which])
+        _, a = torch.func.jvp(lambda x, w=which: tri(*[x if i == w else y for i, y in
+                                                       enumerate((q, k, v))]),
+                              ((q, k, v)[which],), (t[which],))  # fmt: skip
+        _, b = torch.func.jvp(ref, (q, k, v), tuple(t))
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+        _, d = triton_impl.sdpa_jvp(q, k, v, *[x if i == which else None
+                                               for i, x in enumerate(t)])  # fmt: skip
+        torch.testing.assert_close(d, b, atol=1e-10, rtol=1e-10)
+    g = torch.func.vjp(tri, q, k, v)[1](torch.ones(3, 6, 4, dtype=torch.float64))
+    h = torch.func.vjp(ref, q, k, v)[1](torch.ones(3, 6, 4, dtype=torch.float64))
+    assert g[0].shape == q.shape
+    for a, b in zip(g, h, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_gradcheck_forward_and_reverse():
+    """Finite differences in float64 (reverse mode and forward mode), with a key-padding mask
+    and causal masking on odd tiny shapes."""
+    q = torch.randn(1, 1, 2, 3, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 1, 3, 2, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([True, False, True])
+    fn = _sdpa("triton", attn_mask=mask)
+    assert torch.autograd.gradcheck(fn, (q, k, v), check_forward_ad=True, fast_mode=True)
+    assert torch.autograd.gradcheck(_sdpa("triton", is_causal=True), (q, k, v), fast_mode=True)
+
+
+def test_fully_masked_rows_give_zeros_not_nan():
+    q, k, v = (torch.randn(1, 1, 4, 3, dtype=torch.float64, requires_grad=True) for _ in "qkv")
+    mask = torch.ones(4, 4, dtype=torch.bool)
+    mask[1] = False  # query 1 attends nothing
+    out = theria.sdpa(q, k, v, attn_mask=mask, backend="triton")
+    assert torch.equal(out[0, 0, 1], torch.zeros(3, dtype=torch.float64))
+    gq, gk, gv = torch.autograd.grad(out.sum(), (q, k, v))
+    assert torch.equal(gq[0, 0, 1], torch.zeros(3, dtype=torch.float64))
+    assert all(torch.isfinite(g).all() for g in (gq, gk, gv))
+    problem = theria.attention.contract.Problem(scale=0.5, is_causal=False)
+    _, lse = triton_impl.forward(q.detach(), k.detach(), v.detach(), mask, problem)
+    assert torch.isneginf(lse[0, 0, 1]) and torch.isfinite(lse[0, 0, [0, 2, 3]]).all()
+
+
+def test_second_order_is_exact_through_the_fallback():
+    """Double backward and forward-over-reverse go through `backward_jvp`: a Triton kernel
+    when `kernels.second_order` provides one, else the announced torch fallback. Either way,
+    exact."""
+    q, k, v = (torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True) for _ in "qkv")
+    u = tuple(torch.randn_like(x) for x in (q, k, v))
+
+    def hvp(backend):
+        out = theria.sdpa(q, k, v, is_causal=True, backend=backend)
+        g = torch.autograd.grad((out**2).sum(), (q, k, v), create_graph=True)
+        return torch.autograd.grad(g, (q, k, v), u)
+
+    if triton_impl._second_order() is None:
+        with pytest.warns(RuntimeWarning, match="second-order"):
+            theria.attention.api._warned.discard("triton:second-order-fallback")
+            got = hvp("triton")
+    else:
+        got = hvp("triton")
+    for a, b in zip(got, hvp("reference"), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_bad_inputs_raise_clearly():
+    q = torch.randn(1, 3, 4).to(torch.int32)
+    with pytest.raises(TypeError, match="floating-point"):
+        theria.sdpa(q, q, q, backend="triton")
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="dropout"):
+        theria.sdpa(x, x, x, dropout_p=0.5, backend="triton")
+
+
+def test_head_dim_above_limit_falls_back_visibly():
+    x = torch.randn(1, 3, triton_impl.MAX_HEAD_DIM + 1, dtype=torch.float64)
+    theria.attention.api._warned.discard("triton:unsupported")
+    with pytest.warns(RuntimeWarning, match="no Triton kernel"):
+        out = theria.sdpa(x, x, x, backend="triton")
+    torch.testing.assert_close(out, theria.sdpa(x, x, x, backend="reference"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mask_kind", [None, "padding", "dense", "float"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_larger_odd_shapes(mask_kind, causal):
+    """Several tiles per row and column (tiles are 16 in the interpreter), head dims 40 and 72."""
+    if causal and mask_kind is not None:
+        pytest.skip("torch's sdpa contract: attn_mask and is_causal are exclusive")
+    case = ("big", 2, 2, 1, 67, 45, 40, 72, mask_kind, causal)
+    test_forward_vjp_jvp_match_torch_and_reference(case, torch.float64)
+
+
+def test_torch_func_compositions():
+    """torch.func sees through the kernels: jvp, grad, forward-over-reverse, and
+    reverse-over-forward (which must fall back to traceable ops, not lose its graph)."""
+    q, k, v = (torch.randn(1, 2, 5, 3, dtype=torch.float64) for _ in "qkv")
+    tq = torch.randn_like(q)
+
+    def all_modes(backend):
+        f = _sdpa(backend, is_causal=True)
+        loss = lambda q: (f(q, k, v) ** 2).sum()  # noqa: E731
+        return (
+            torch.func.jvp(lambda q: f(q, k, v), (q,), (tq,))[1],
+            torch.func.grad(loss)(q),
+            torch.func.jvp(torch.func.grad(loss), (q,), (tq,))[1],
+            torch.func.grad(lambda q: torch.func.jvp(lambda q: f(q, k, v), (q,), (tq,))[1].sum())(
+                q
+            ),
+        )
+
+    for a, b in zip(all_modes("triton"), all_modes("reference"), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)

@@ -1,0 +1,501 @@
+"""First-order attention kernels: forward, forward-mode JVP, backward.
+
+What they compute (names as in `theria/attention/blockwise.py`, the readable spec, and
+docs/MATH.md), per attention row i of a flattened batch b:
+
+    _attn_fwd          O = softmax(S) V,  lse = logsumexp(S),  S = scale·Q Kᵀ + mask
+                       with JVP=True also, in the same pass, for tangents (Q̇, K̇, V̇):
+                       Ṡ = scale·(Q̇ Kᵀ + Q K̇ᵀ),  μ = rowsum(P∘Ṡ),  Ȯ = (P∘Ṡ)V − μ∘O + P V̇
+    _attn_fwd_jvp      Ȯ and μ given the saved lse (P = exp(S − lse), no running max)
+    _attn_bwd_preprocess   δ = rowsum(dO∘O)
+    _attn_bwd_dkdv     per key block: dV = Pᵀ dO,  dK = scale·dSᵀ Q,  dS = P∘(dO Vᵀ − δ)
+    _attn_bwd_dq       per query block: dQ = scale·dS K
+
+Algorithms: the online softmax over key blocks (Milakov & Gimelshein 2018, "Online normalizer
+calculation for softmax"; FlashAttention, Dao et al. 2022, Alg. 1) and FlashAttention-2's
+backward split into a dK/dV pass over query blocks and a dQ pass over key blocks (Dao 2023,
+Alg. 2), with the row statistic δ from a preprocess pass. The fused JVP carries, next to the
+output accumulator, the unnormalized μ, (P∘Ṡ)V and P V̇ under the same running-max rescaling.
+
+Limits and conventions:
+- Head dims E, Ev ≤ 256 (anything, padded to the next power of two with masked loads);
+  L, S anything (tails masked); L ≠ S fine.
+- Batch: up to three batch dims (Z0, Z1, Z2), each tensor with its own strides, stride 0 for
+  broadcast dims (GQA keys/values, expanded masks): nothing is copied. The launcher merges
+  dims to fit three.
+- Mask: MASK_KIND 0 none, 1 boolean (stored as uint8, nonzero = attend), 2 additive float;
+  causal is top-left aligned (key j attends query i iff j <= i).
+- Precision: 16-bit inputs are multiplied on the tensor cores with float32 accumulation; float32
+  inputs use IEEE float32 dots (PREC="ieee", not TF32) so they match torch's float32 matmul;
+  float64 (the interpreter's checks) uses float64 throughout with natural exp/log (F64=True).
+  Otherwise exponentials are exp2 with the scale pre-multiplied by log2(e).
+- Rows whose every key is masked: O = 0, lse = -inf, zero derivatives, never NaN.
+- The scale is read from a small tensor (SCALE[0] = scale·log2(e) or scale for F64, SCALE[1] =
+  scale) so that a float64 run keeps a float64 scale (a Python float argument is float32).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # log2(e) = 1/ln 2, so exp(x) = exp2(x·LOG2E)
+LN2 = 0.6931471805599453  # ln 2, so ln(x) = log2(x)·LN2
+
+
+@triton.jit
+def _exp(x, F64: tl.constexpr):
+    if F64:
+        return tl.exp(x)
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _batch_offset(pid_b, Z1, Z2, s0, s1, s2):
+    """Offset of flattened batch index pid_b = (i0·Z1 + i1)·Z2 + i2 for strides (s0, s1, s2)."""
+    i2 = pid_b % Z2
+    i1 = (pid_b // Z2) % Z1
+    i0 = pid_b // (Z1 * Z2)
+    return i0.to(tl.int64) * s0 + i1.to(tl.int64) * s1 + i2.to(tl.int64) * s2
+
+
+@triton.jit
+def _mask_scores(
+    s,
+    qi,
+    kj,
+    MASK,
+    smm,
+    smn,
+    L,
+    S,
+    RLN: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    EVEN_N: tl.constexpr,
+):
+    """Mask a tile of scores (already scaled to exp2 units). qi, kj: query and key indices
+    broadcast to the tile's shape ((BM, 1) and (1, BN), or transposed for the dK/dV pass)."""
+    if MASK_KIND == 1:
+        keep = tl.load(MASK + qi * smm + kj * smn, mask=(qi < L) & (kj < S), other=0)
+        s = tl.where(keep != 0, s, float("-inf"))
+    elif MASK_KIND == 2:
+        add = tl.load(MASK + qi * smm + kj * smn, mask=(qi < L) & (kj < S), other=0.0)
+        s = s + add.to(s.dtype) * RLN
+    if IS_CAUSAL:
+        s = tl.where(kj <= qi, s, float("-inf"))
+    if not EVEN_N:
+        s = tl.where(kj < S, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _causal_hi(start_m, S, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """Keys a query block [start_m, start_m + BLOCK_M) can see: [0, hi)."""
+    if IS_CAUSAL:
+        return tl.minimum(S, start_m + BLOCK_M)
+    else:
+        return S
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, MASK, TQ, TK, TV, SCALE,  # inputs
+    OUT, LSE, ODOT, MU,  # outputs: (Zb, L, Ev), (Zb, L), (Zb, L, Ev), (Zb, L)
+    sq0, sq1, sq2, sqm, sqd,
+    sk0, sk1, sk2, skn, skd,
+    sv0, sv1, sv2, svn, svd,
+    sm0, sm1, sm2, smm, smn,
+    stq0, stq1, stq2, stqm, stqd,
+    stk0, stk1, stk2, stkn, stkd,
+    stv0, stv1, stv2, stvn, stvd,
+    Z1, Z2, L, S, TUNE_N,
+    E: tl.constexpr, EV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr,
+    JVP: tl.constexpr, HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
+    F64: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    ACC = tl.float64 if F64 else tl.float32
+    RLN: tl.constexpr = 1.0 if F64 else 1.4426950408889634  # log2(e): scores in exp2 units
+    start_m = tl.program_id(0) * BLOCK_M
+    pid_b = tl.program_id(1)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_DV)
+    Q += _batch_offset(pid_b, Z1, Z2, sq0, sq1, sq2)
+    K += _batch_offset(pid_b, Z1, Z2, sk0, sk1, sk2)
+    V += _batch_offset(pid_b, Z1, Z2, sv0, sv1, sv2)
+    MASK += _batch_offset(pid_b, Z1, Z2, sm0, sm1, sm2)
+    qk_scale = tl.load(SCALE).to(ACC)  # scale·log2(e) (scale for F64)
+    t_scale = tl.load(SCALE + 1).to(ACC)  # scale, for the score tangent
+
+    row_ok = offs_m[:, None] < L
+    q = tl.load(Q + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=row_ok & (offs_d[None, :] < E), other=0.0)  # fmt: skip
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC)  # running row max (exp2 units)
+    l_i = tl.zeros([BLOCK_M], ACC)  # running row sum of exp2(s - m)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], ACC)  # running Σ exp2(s - m) V
+    if JVP:
+        if HAS_TQ:
+            TQ += _batch_offset(pid_b, Z1, Z2, stq0, stq1, stq2)
+            tq = tl.load(TQ + offs_m[:, None] * stqm + offs_d[None, :] * stqd,
+                         mask=row_ok & (offs_d[None, :] < E), other=0.0)  # fmt: skip
+        if HAS_TK:
+            TK += _batch_offset(pid_b, Z1, Z2, stk0, stk1, stk2)
+        if HAS_TV:
+            TV += _batch_offset(pid_b, Z1, Z2, stv0, stv1, stv2)
+        mu_i = tl.zeros([BLOCK_M], ACC)  # running Σ p·ṡ
+        acc_a = tl.zeros([BLOCK_M, BLOCK_DV], ACC)  # running (p∘ṡ) V
+        acc_b = tl.zeros([BLOCK_M, BLOCK_DV], ACC)  # running p V̇
+
+    hi = _causal_hi(start_m, S, BLOCK_M, IS_CAUSAL)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols[None, :] < S
+        kT = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd,
+                     mask=col_ok & (offs_d[:, None] < E), other=0.0)  # fmt: skip
+        s = tl.dot(q, kT, input_precision=PREC, out_dtype=ACC) * qk_scale  # (BM, D) @ (D, BN)
+        s = _mask_scores(s, offs_m[:, None], cols[None, :], MASK, smm, smn, L, S,
+                         RLN, MASK_KIND, IS_CAUSAL, EVEN_N)  # fmt: skip
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+        p = _exp(s - m_safe[:, None], F64)
+        alpha = _exp(m_i - m_safe, F64)  # rescales what earlier blocks summed
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + cols[:, None] * svn + offs_e[None, :] * svd,
+                    mask=(cols[:, None] < S) & (offs_e[None, :] < EV), other=0.0)  # fmt: skip
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)  # (BM, BN) @ (BN, Dv)
+        if JVP:
+            if HAS_TQ or HAS_TK:
+                sd = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+                if HAS_TQ:
+                    sd = tl.dot(tq, kT, sd, input_precision=PREC)  # Q̇ Kᵀ
+                if HAS_TK:
+                    tkT = tl.load(TK + cols[None, :] * stkn + offs_d[:, None] * stkd,
+                                  mask=col_ok & (offs_d[:, None] < E), other=0.0)  # fmt: skip
+                    sd = tl.dot(q, tkT, sd, input_precision=PREC)  # + Q K̇ᵀ
+                ps = p * (sd * t_scale)
+                mu_i = mu_i * alpha + tl.sum(ps, 1)
+                acc_a = acc_a * alpha[:, None]
+                acc_a = tl.dot(ps.to(v.dtype), v, acc_a, input_precision=PREC)
+            if HAS_TV:
+                tv_ptrs = TV + cols[:, None] * stvn + offs_e[None, :] * stvd
+                tv = tl.load(tv_ptrs, mask=(cols[:, None] < S) & (offs_e[None, :] < EV), other=0.0)
+                acc_b = acc_b * alpha[:, None]
+                acc_b = tl.dot(p.to(tv.dtype), tv, acc_b, input_precision=PREC)
+        m_i = m_new
+
+    empty = l_i == 0.0  # every key of the row masked
+    inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
+    out = acc * inv_l[:, None]
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    if F64:
+        lse = m_safe + tl.log(tl.where(empty, 1.0, l_i))
+    else:
+        lse = (m_safe + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453  # ·ln 2
+    lse = tl.where(empty, float("-inf"), lse)
+    row_base = pid_b.to(tl.int64) * L
+    o_ptrs = (row_base + offs_m[:, None]) * EV + offs_e[None, :]
+    o_mask = row_ok & (offs_e[None, :] < EV)
+    tl.store(OUT + o_ptrs, out.to(OUT.dtype.element_ty), mask=o_mask)
+    tl.store(LSE + row_base + offs_m, lse.to(LSE.dtype.element_ty), mask=offs_m < L)
+    if JVP:
+        o_dot = tl.zeros([BLOCK_M, BLOCK_DV], ACC)
+        if HAS_TQ or HAS_TK:
+            mu = mu_i * inv_l
+            o_dot = acc_a * inv_l[:, None] - mu[:, None] * out
+            tl.store(MU + row_base + offs_m, mu.to(MU.dtype.element_ty), mask=offs_m < L)
+        if HAS_TV:
+            o_dot += acc_b * inv_l[:, None]
+        tl.store(ODOT + o_ptrs, o_dot.to(ODOT.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _attn_fwd_jvp(
+    Q, K, V, MASK, TQ, TK, TV, SCALE, OUT, LSE,  # inputs; OUT, LSE: (Zb, L, Ev), (Zb, L)
+    ODOT, MU,  # outputs: (Zb, L, Ev), (Zb, L)
+    sq0, sq1, sq2, sqm, sqd,
+    sk0, sk1, sk2, skn, skd,
+    sv0, sv1, sv2, svn, svd,
+    sm0, sm1, sm2, smm, smn,
+    stq0, stq1, stq2, stqm, stqd,
+    stk0, stk1, stk2, stkn, stkd,
+    stv0, stv1, stv2, stvn, stvd,
+    Z1, Z2, L, S, TUNE_N,
+    E: tl.constexpr, EV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr,
+    HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
+    F64: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Ȯ = (P∘Ṡ)V − μ∘O + P V̇ and μ = rowsum(P∘Ṡ), with P = exp(S − lse) from the saved lse."""
+    ACC = tl.float64 if F64 else tl.float32
+    RLN: tl.constexpr = 1.0 if F64 else 1.4426950408889634  # log2(e)
+    start_m = tl.program_id(0) * BLOCK_M
+    pid_b = tl.program_id(1)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_DV)
+    Q += _batch_offset(pid_b, Z1, Z2, sq0, sq1, sq2)
+    K += _batch_offset(pid_b, Z1, Z2, sk0, sk1, sk2)
+    V += _batch_offset(pid_b, Z1, Z2, sv0, sv1, sv2)
+    MASK += _batch_offset(pid_b, Z1, Z2, sm0, sm1, sm2)
+    qk_scale = tl.load(SCALE).to(ACC)
+    t_scale = tl.load(SCALE + 1).to(ACC)
+    row_ok = offs_m[:, None] < L
+    q = tl.load(Q + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=row_ok & (offs_d[None, :] < E), other=0.0)  # fmt: skip
+    if HAS_TQ:
+        TQ += _batch_offset(pid_b, Z1, Z2, stq0, stq1, stq2)
+        tq = tl.load(TQ + offs_m[:, None] * stqm + offs_d[None, :] * stqd,
+                     mask=row_ok & (offs_d[None, :] < E), other=0.0)  # fmt: skip
+    if HAS_TK:
+        TK += _batch_offset(pid_b, Z1, Z2, stk0, stk1, stk2)
+    if HAS_TV:
+        TV += _batch_offset(pid_b, Z1, Z2, stv0, stv1, stv2)
+    row_base = pid_b.to(tl.int64) * L
+    lse = tl.load(LSE + row_base + offs_m, mask=offs_m < L, other=0.0).to(ACC)
+    lse = tl.where(lse == float("-inf"), 0.0, lse) * RLN  # empty rows: p = exp(-inf) = 0
+    mu = tl.zeros([BLOCK_M], ACC)
+    acc_a = tl.zeros([BLOCK_M, BLOCK_DV], ACC)  # (P∘Ṡ) V
+    acc_b = tl.zeros([BLOCK_M, BLOCK_DV], ACC)  # P V̇
+
+    hi = _causal_hi(start_m, S, BLOCK_M, IS_CAUSAL)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols[None, :] < S
+        kT = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd,
+                     mask=col_ok & (offs_d[:, None] < E), other=0.0)  # fmt: skip
+        s = tl.dot(q, kT, input_precision=PREC, out_dtype=ACC) * qk_scale  # (BM, D) @ (D, BN)
+        s = _mask_scores(s, offs_m[:, None], cols[None, :], MASK, smm, smn, L, S,
+                         RLN, MASK_KIND, IS_CAUSAL, EVEN_N)  # fmt: skip
+        p = _exp(s - lse[:, None], F64)
+        if HAS_TQ or HAS_TK:
+            v = tl.load(V + cols[:, None] * svn + offs_e[None, :] * svd,
+                        mask=(cols[:, None] < S) & (offs_e[None, :] < EV), other=0.0)  # fmt: skip
+            sd = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+            if HAS_TQ:
+                sd = tl.dot(tq, kT, sd, input_precision=PREC)  # Q̇ Kᵀ
+            if HAS_TK:
+                tkT = tl.load(TK + cols[None, :] * stkn + offs_d[:, None] * stkd,
+                              mask=col_ok & (offs_d[:, None] < E), other=0.0)  # fmt: skip
+                sd = tl.dot(q, tkT, sd, input_precision=PREC)  # + Q K̇ᵀ
+            ps = p * (sd * t_scale)
+            mu += tl.sum(ps, 1)
+            acc_a = tl.dot(ps.to(v.dtype), v, acc_a, input_precision=PREC)  # (BM, BN) @ (BN, Dv)
+        if HAS_TV:
+            tv = tl.load(TV + cols[:, None] * stvn + offs_e[None, :] * stvd,
+                         mask=(cols[:, None] < S) & (offs_e[None, :] < EV), other=0.0)  # fmt: skip
+            acc_b = tl.dot(p.to(tv.dtype), tv, acc_b, input_precision=PREC)
+
+    o_ptrs = (row_base + offs_m[:, None]) * EV + offs_e[None, :]
+    o_mask = row_ok & (offs_e[None, :] < EV)
+    o_dot = acc_b
+    if HAS_TQ or HAS_TK:
+        out = tl.load(OUT + o_ptrs, mask=o_mask, other=0.0).to(ACC)
+        o_dot += acc_a - mu[:, None] * out
+        tl.store(MU + row_base + offs_m, mu.to(MU.dtype.element_ty), mask=offs_m < L)
+    tl.store(ODOT + o_ptrs, o_dot.to(ODOT.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _attn_bwd_preprocess(
+    OUT, DO, DELTA,  # OUT (Zb, L, Ev) contiguous; DO strided; DELTA (Zb, L)
+    sdo0, sdo1, sdo2, sdom, sdod,
+    Z1, Z2, L,
+    EV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, F64: tl.constexpr,
+):  # fmt: skip
+    """δ = rowsum(dO∘O), the row statistic of the backward (FlashAttention-2, Alg. 2 line 4)."""
+    ACC = tl.float64 if F64 else tl.float32
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_b = tl.program_id(1)
+    offs_e = tl.arange(0, BLOCK_DV)
+    ok = (offs_m[:, None] < L) & (offs_e[None, :] < EV)
+    row_base = pid_b.to(tl.int64) * L
+    o = tl.load(OUT + (row_base + offs_m[:, None]) * EV + offs_e[None, :], mask=ok, other=0.0)
+    DO += _batch_offset(pid_b, Z1, Z2, sdo0, sdo1, sdo2)
+    do = tl.load(DO + offs_m[:, None] * sdom + offs_e[None, :] * sdod, mask=ok, other=0.0)
+    delta = tl.sum(o.to(ACC) * do.to(ACC), 1)
+    tl.store(DELTA + row_base + offs_m, delta, mask=offs_m < L)
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, MASK, DO, SCALE, LSE, DELTA,  # LSE, DELTA: (Zb, L)
+    DK, DV,  # outputs (Zb, S, E), (Zb, S, Ev)
+    sq0, sq1, sq2, sqm, sqd,
+    sk0, sk1, sk2, skn, skd,
+    sv0, sv1, sv2, svn, svd,
+    sm0, sm1, sm2, smm, smn,
+    sdo0, sdo1, sdo2, sdom, sdod,
+    Z1, Z2, L, S, TUNE_N,
+    E: tl.constexpr, EV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_M: tl.constexpr,
+    F64: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """One key block per program, looping over query blocks; works on transposed tiles
+    (keys × queries) so that Pᵀ and dSᵀ come out without a transpose."""
+    ACC = tl.float64 if F64 else tl.float32
+    RLN: tl.constexpr = 1.0 if F64 else 1.4426950408889634  # log2(e)
+    start_n = tl.program_id(0) * BLOCK_N
+    pid_b = tl.program_id(1)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_DV)
+    Q += _batch_offset(pid_b, Z1, Z2, sq0, sq1, sq2)
+    K += _batch_offset(pid_b, Z1, Z2, sk0, sk1, sk2)
+    V += _batch_offset(pid_b, Z1, Z2, sv0, sv1, sv2)
+    MASK += _batch_offset(pid_b, Z1, Z2, sm0, sm1, sm2)
+    DO += _batch_offset(pid_b, Z1, Z2, sdo0, sdo1, sdo2)
+    row_base = pid_b.to(tl.int64) * L
+    qk_scale = tl.load(SCALE).to(ACC)
+    key_ok = offs_n[:, None] < S
+    k = tl.load(K + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                mask=key_ok & (offs_d[None, :] < E), other=0.0)  # fmt: skip
+    v = tl.load(V + offs_n[:, None] * svn + offs_e[None, :] * svd,
+                mask=key_ok & (offs_e[None, :] < EV), other=0.0)  # fmt: skip
+    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], ACC)
+    lo = 0
+    if IS_CAUSAL:
+        lo = (start_n // BLOCK_M) * BLOCK_M  # queries i < start_n see none of these keys
+    for start_m in range(lo, L, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows[None, :] < L
+        qT = tl.load(Q + rows[None, :] * sqm + offs_d[:, None] * sqd,
+                     mask=row_ok & (offs_d[:, None] < E), other=0.0)  # fmt: skip
+        lse = tl.load(LSE + row_base + rows, mask=rows < L, other=0.0).to(ACC)
+        lse = tl.where(lse == float("-inf"), 0.0, lse) * RLN
+        sT = tl.dot(k, qT, input_precision=PREC, out_dtype=ACC) * qk_scale  # (BN, D) @ (D, BM)
+        sT = _mask_scores(sT, rows[None, :], offs_n[:, None], MASK, smm, smn, L, S,
+                          RLN, MASK_KIND, IS_CAUSAL, True)  # fmt: skip
+        pT = _exp(sT - lse[None, :], F64)
+        if not EVEN_M:
+            pT = tl.where(row_ok, pT, 0.0)  # rows past L
+        do = tl.load(DO + rows[:, None] * sdom + offs_e[None, :] * sdod,
+                     mask=(rows[:, None] < L) & (offs_e[None, :] < EV), other=0.0)  # fmt: skip
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)  # (BN, BM) @ (BM, Dv)
+        delta = tl.load(DELTA + row_base + rows, mask=rows < L, other=0.0)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PREC, out_dtype=ACC)  # (BN, Dv) @ (Dv, BM)
+        dsT = pT * (dpT - delta[None, :].to(ACC))
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PREC)  # (BN, BM) @ (BM, D)
+    dk = dk * tl.load(SCALE + 1).to(ACC)  # dK = scale·dSᵀ Q
+    kv_base = pid_b.to(tl.int64) * S
+    tl.store(DK + (kv_base + offs_n[:, None]) * E + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=key_ok & (offs_d[None, :] < E))  # fmt: skip
+    tl.store(DV + (kv_base + offs_n[:, None]) * EV + offs_e[None, :], dv.to(DV.dtype.element_ty),
+             mask=key_ok & (offs_e[None, :] < EV))  # fmt: skip
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, MASK, DO, SCALE, LSE, DELTA,
+    DQ,  # output (Zb, L, E)
+    sq0, sq1, sq2, sqm, sqd,
+    sk0, sk1, sk2, skn, skd,
+    sv0, sv1, sv2, svn, svd,
+    sm0, sm1, sm2, smm, smn,
+    sdo0, sdo1, sdo2, sdom, sdod,
+    Z1, Z2, L, S, TUNE_N,
+    E: tl.constexpr, EV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr,
+    F64: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """One query block per program, looping over key blocks: dQ = scale·Σ_blocks dS K."""
+    ACC = tl.float64 if F64 else tl.float32
+    RLN: tl.constexpr = 1.0 if F64 else 1.4426950408889634  # log2(e)
+    start_m = tl.program_id(0) * BLOCK_M
+    pid_b = tl.program_id(1)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_DV)
+    Q += _batch_offset(pid_b, Z1, Z2, sq0, sq1, sq2)
+    K += _batch_offset(pid_b, Z1, Z2, sk0, sk1, sk2)
+    V += _batch_offset(pid_b, Z1, Z2, sv0, sv1, sv2)
+    MASK += _batch_offset(pid_b, Z1, Z2, sm0, sm1, sm2)
+    DO += _batch_offset(pid_b, Z1, Z2, sdo0, sdo1, sdo2)
+    row_base = pid_b.to(tl.int64) * L
+    qk_scale = tl.load(SCALE).to(ACC)
+    row_ok = offs_m[:, None] < L
+    q = tl.load(Q + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=row_ok & (offs_d[None, :] < E), other=0.0)  # fmt: skip
+    do = tl.load(DO + offs_m[:, None] * sdom + offs_e[None, :] * sdod,
+                 mask=row_ok & (offs_e[None, :] < EV), other=0.0)  # fmt: skip
+    lse = tl.load(LSE + row_base + offs_m, mask=offs_m < L, other=0.0).to(ACC)
+    lse = tl.where(lse == float("-inf"), 0.0, lse) * RLN
+    delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < L, other=0.0).to(ACC)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    hi = _causal_hi(start_m, S, BLOCK_M, IS_CAUSAL)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols[None, :] < S
+        kT = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd,
+                     mask=col_ok & (offs_d[:, None] < E), other=0.0)  # fmt: skip
+        vT = tl.load(V + cols[None, :] * svn + offs_e[:, None] * svd,
+                     mask=col_ok & (offs_e[:, None] < EV), other=0.0)  # fmt: skip
+        s = tl.dot(q, kT, input_precision=PREC, out_dtype=ACC) * qk_scale  # (BM, D) @ (D, BN)
+        s = _mask_scores(s, offs_m[:, None], cols[None, :], MASK, smm, smn, L, S,
+                         RLN, MASK_KIND, IS_CAUSAL, EVEN_N)  # fmt: skip
+        p = _exp(s - lse[:, None], F64)
+        dp = tl.dot(do, vT, input_precision=PREC, out_dtype=ACC)  # (BM, Dv) @ (Dv, BN)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PREC)  # (BM, BN) @ (BN, D)
+    dq = dq * tl.load(SCALE + 1).to(ACC)  # dQ = scale·dS K
+    tl.store(DQ + (row_base + offs_m[:, None]) * E + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=row_ok & (offs_d[None, :] < E))  # fmt: skip
+
+
+def _configs(pairs: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+        for bm, bn, w, st in pairs
+    ]
+
+
+# Autotuned launchers for CUDA (the interpreter launches the plain kernels with small fixed
+# tiles). Tuned per (sequence-length bucket, head dims, flags); a config that does not fit the
+# shared memory is skipped by the autotuner. EVEN_* depend on the tile, hence the heuristics.
+_TUNE_KEY = ["TUNE_N", "E", "EV", "MASK_KIND", "IS_CAUSAL", "F64", "PREC"]
+_even_n = {"EVEN_N": lambda a: a["S"] % a["BLOCK_N"] == 0}
+_even_m = {"EVEN_M": lambda a: a["L"] % a["BLOCK_M"] == 0}
+
+# Candidate tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) for 16-bit inputs on Hopper; the
+# first of each list is the default when autotuning is off. float32 (IEEE dots, no tensor
+# cores) uses the small FMA tile below: its large tiles take minutes to compile.
+FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)])
+JVP_CONFIGS = _configs([(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3)])
+DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3)])
+DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)])
+FMA_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)
+
+attn_fwd_tuned = triton.autotune(
+    FWD_CONFIGS, key=[*_TUNE_KEY, "JVP", "HAS_TQ", "HAS_TK", "HAS_TV"]
+)(triton.heuristics(_even_n)(_attn_fwd))
+attn_fwd_jvp_tuned = triton.autotune(JVP_CONFIGS, key=[*_TUNE_KEY, "HAS_TQ", "HAS_TK", "HAS_TV"])(
+    triton.heuristics(_even_n)(_attn_fwd_jvp)
+)
+attn_fwd_dual_tuned = triton.autotune(
+    JVP_CONFIGS, key=[*_TUNE_KEY, "JVP", "HAS_TQ", "HAS_TK", "HAS_TV"]
+)(
+    triton.heuristics(_even_n)(_attn_fwd)
+)  # the fused forward + JVP: three accumulators, so smaller tiles than the plain forward
+attn_fwd_plain = triton.heuristics(_even_n)(_attn_fwd)
+attn_fwd_jvp_plain = triton.heuristics(_even_n)(_attn_fwd_jvp)
+attn_bwd_dkdv_tuned = triton.autotune(DKDV_CONFIGS, key=_TUNE_KEY)(
+    triton.heuristics(_even_m)(_attn_bwd_dkdv)
+)
+attn_bwd_dkdv_plain = triton.heuristics(_even_m)(_attn_bwd_dkdv)
+attn_bwd_dq_tuned = triton.autotune(DQ_CONFIGS, key=_TUNE_KEY)(
+    triton.heuristics(_even_n)(_attn_bwd_dq)
+)
+attn_bwd_dq_plain = triton.heuristics(_even_n)(_attn_bwd_dq)
+attn_bwd_preprocess = _attn_bwd_preprocess

@@ -1,0 +1,547 @@
+"""The `triton` backend's four primitives (the `impl` of `theria.attention.function`).
+
+Same signatures and semantics as `theria/attention/blockwise.py` (the readable spec):
+
+    forward(q, k, v, mask, problem)                                -> (out, lse)
+    forward_jvp(q, k, v, mask, problem, out, lse, tq, tk, tv)      -> (o_dot, mu)
+    backward(q, k, v, mask, problem, out, lse, do)                 -> (dq, dk, dv)
+    backward_jvp(q, k, v, mask, problem, out, lse, do, tq, tk, tv, tdo)
+                                                        -> (dq_dot, dk_dot, dv_dot, o_dot)
+
+and, outside the autograd Functions, the fused forward + JVP (one pass, what a forward-mode
+caller wants when it needs both):
+
+    forward_and_jvp(q, k, v, mask, problem, tq, tk, tv)            -> (out, lse, o_dot, mu)
+    sdpa_jvp(query, key, value, t_query, t_key, t_value, attn_mask=None, is_causal=False,
+             scale=None, enable_gqa=False)                         -> (out, out_tangent)
+
+Inputs are canonical (`contract.canonicalize`): q (*B, L, E), k (*B', S, E), v (*B', S, Ev),
+batch dims broadcasting, mask None | bool/float broadcastable to (..., L, S). Broadcast dims
+(GQA's key/value groups, expanded masks) reach the kernels as stride-0 dims: never copied.
+Outputs are over the broadcast batch; gradients are reduced to the inputs' shapes.
+
+lse (and μ) are float32 for 16-bit inputs (a 16-bit lse would cost the backward its
+accuracy), else the input dtype. Kernels run on CUDA tensors, or on CPU tensors when
+TRITON_INTERPRET=1 was set before this module was imported (the CI's way to test them).
+
+`backward_jvp` (second order) is `theria.attention.kernels.second_order.backward_jvp` when that
+module provides it; otherwise the `torch` backend's blockwise formulas, announced once.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import torch
+import triton
+from torch import Tensor
+
+from theria.attention import blockwise
+from theria.attention.api import warn_once
+from theria.attention.contract import Problem, canonicalize
+from theria.attention.kernels import first_order as K
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the kernels were built
+MAX_HEAD_DIM = 128
+_INTERPRET_TILE = 16  # the smallest tile tl.dot takes; keeps the interpreter's work small
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# `backward_jvp` accepts the tangents of out and lse (o_dot, mu) to skip its first pass.
+REUSES_TANGENT_STATS = True
+
+
+# --------------------------------------------------------------------------- torch.func
+
+
+class _Tracked(Exception):
+    """An input is tracked by a torch.func transform that is still active (vmap's batching,
+    or a grad/jvp level outside the one now differentiating this step)."""
+
+
+def _plain(x: Any) -> Any:
+    """A torch.func-wrapped tensor as the plain tensor underneath (a kernel needs storage).
+
+    A wrapper of the transform level now running this Function's step (the top of the
+    interpreter stack) or of a finished level is peeled: torch.func redoes its bookkeeping on
+    the outputs, as it would for torch ops. A wrapper of an *outer* active level (say the grad
+    of a jvp) means that level must see this step's ops: then `_Tracked`, and the caller runs
+    the differentiable blockwise code instead; likewise for vmap's batched tensors."""
+    if not isinstance(x, Tensor):
+        return x
+    from torch._C import _functorch as ft
+
+    if not ft.is_functorch_wrapped_tensor(x):
+        return x
+    stack = ft.get_interpreter_stack() or []
+    active = {i.level() for i in stack}
+    top = stack[-1].level() if stack else None
+    while ft.is_functorch_wrapped_tensor(x):
+        level = ft.maybe_get_level(x)
+        if ft.is_batchedtensor(x) or (level in active and level != top):
+            raise _Tracked
+        x = ft.get_unwrapped(x)
+    return x
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _kernel_entry(fallback: Callable[..., Any]) -> Callable[[F], F]:
+    """Unwrap torch.func wrappers before the kernels; where an active transform must track
+    the step (vmap, reverse-over-forward), use `fallback` (the blockwise torch ops)."""
+
+    def deco(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                plain = [_plain(a) for a in args]
+                plain_kw = {k: _plain(v) for k, v in kwargs.items()}
+            except _Tracked:
+                warn_once(
+                    "triton:torch.func",
+                    "theria.sdpa(backend='triton') under a torch.func transform that must track "
+                    "this step (vmap, or a derivative taken through a jvp): the kernels cannot "
+                    "be traced, so such calls use the torch backend's blockwise code.",
+                )
+                return fallback(*args, **kwargs)
+            # Kernels work on plain tensors: keep torch.func from wrapping what is made here.
+            with torch._C._DisableFuncTorch():
+                return fn(*plain, **plain_kw)
+
+        return wrapper  # type: ignore[return-value]
+
+    return deco
+
+
+# --------------------------------------------------------------------------- layout helpers
+
+
+class _Batch:
+    """The broadcast batch of a call as at most three (size, per-tensor stride) dims.
+
+    Every tensor (*b_t, rows, cols) is viewed as expanded to (*batch, rows, cols) (stride 0 on
+    broadcast dims, no copy); adjacent batch dims are merged where every tensor allows it, so
+    that kernels index three batch dims with each tensor's own strides."""
+
+    def __init__(self, batch: Sequence[int], tensors: Sequence[Tensor | None]) -> None:
+        self.batch = tuple(batch)
+        self.size = math.prod(self.batch)
+        exp = [None if t is None else t.expand(*self.batch, *t.shape[-2:]) for t in tensors]
+        live = [t for t in exp if t is not None]
+        groups: list[list[int]] = []
+        for d, n in enumerate(self.batch):
+            if n == 1:
+                continue
+            if groups and all(t.stride(groups[-1][-1]) == t.stride(d) * n for t in live):
+                groups[-1].append(d)  # merge: the previous dim steps over this whole dim
+            else:
+                groups.append([d])
+        if len(groups) > 3:
+            warn_once(
+                "triton:batch-copy",
+                "theria.sdpa(backend='triton'): more than three batch dims that cannot be "
+                f"merged (batch {self.batch}); copying the inputs to contiguous memory.",
+            )
+            exp = [None if t is None else t.contiguous() for t in exp]
+            groups = [[d for d, n in enumerate(self.batch) if n != 1]] if self.size > 1 else []
+        self.tensors = exp
+        self.groups = groups
+        sizes = [math.prod(self.batch[d] for d in g) for g in groups]
+        self.z = [1] * (3 - len(sizes)) + sizes  # (Z0, Z1, Z2)
+
+    def strides(self, t: Tensor | None) -> list[int]:
+        """(s0, s1, s2, s_row, s_col) of an expanded tensor; zeros for None."""
+        if t is None:
+            return [0] * 5
+        s = [t.stride(g[-1]) for g in self.groups]
+        return [0] * (3 - len(s)) + s + [t.stride(-2), t.stride(-1)]
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
+    if q.dtype not in _DTYPES:
+        raise TypeError(
+            f"theria.sdpa(backend='triton'): dtype {q.dtype} is not supported; expected one of "
+            f"{_DTYPES}"
+        )
+    if not (q.is_cuda or INTERPRET):
+        raise ValueError(
+            "theria.sdpa(backend='triton') needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+            f"Triton kernels are first used to run them on the CPU; got query on {q.device}"
+        )
+
+
+def _unsupported(q: Tensor, k: Tensor, v: Tensor) -> str | None:
+    """Why these inputs go to the blockwise torch code instead (visibly), or None."""
+    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
+        return (
+            f"head dims E={q.shape[-1]}, Ev={v.shape[-1]} above {MAX_HEAD_DIM} have no Triton "
+            "kernel; using the torch backend's blockwise code for them"
+        )
+    return None
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of lse and μ: float32 for 16-bit inputs."""
+    return _acc_dtype(dtype) if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _mask_arg(mask: Tensor | None, q: Tensor, L: int, S: int) -> tuple[Tensor, int]:
+    """(tensor to index, MASK_KIND): 0 none (a dummy pointer), 1 bool as uint8, 2 additive.
+    The mask is expanded to (..., L, S) (a view: broadcast rows get stride 0)."""
+    if mask is None:
+        return q, 0
+    mask = mask.expand(*mask.shape[:-2], L, S)
+    if mask.dtype == torch.bool:
+        return mask.view(torch.uint8), 1  # same element size: a view, strides kept
+    return mask, 2
+
+
+def _scale_arg(problem: Problem, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """[scale in the kernels' exponent units, scale]: log2(e)·scale for exp2, except float64,
+    which uses natural exp; a tensor keeps float64's scale exact (a Python float is float32)."""
+    acc = _acc_dtype(dtype)
+    unit = 1.0 if acc == torch.float64 else K.LOG2E
+    return torch.tensor([problem.scale * unit, problem.scale], dtype=acc, device=device)
+
+
+def _consts(q: Tensor, v: Tensor, mask_kind: int, problem: Problem, L: int, S: int) -> dict:
+    E, Ev = q.shape[-1], v.shape[-1]
+    f64 = q.dtype == torch.float64
+    return dict(
+        E=E,
+        EV=Ev,
+        BLOCK_D=max(16, triton.next_power_of_2(E)),  # tl.dot needs dims >= 16
+        BLOCK_DV=max(16, triton.next_power_of_2(Ev)),
+        MASK_KIND=mask_kind,
+        IS_CAUSAL=problem.is_causal,
+        F64=f64,
+        # float32 as IEEE float32 (torch's default matmul precision), not TF32; for 16-bit
+        # inputs the option does not apply.
+        PREC="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
+    )
+
+
+def _tune_n(L: int, S: int) -> int:
+    return triton.next_power_of_2(max(L, S))  # autotuning bucket
+
+
+def _autotune() -> bool:
+    return os.environ.get("THERIA_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _launch(tuned: Any, plain: Any, grid_rows: int, zb: int, args: list, consts: dict) -> None:
+    """Run a kernel: in the interpreter with fixed 16×16 tiles; on CUDA autotuned over the
+    kernel's configs for 16-bit inputs (THERIA_TRITON_AUTOTUNE=0: the first config), with a
+    fixed small FMA tile for float32/float64."""
+    by_keys = tuned is K.attn_bwd_dkdv_tuned  # programs over key blocks, not query blocks
+    if INTERPRET:
+        t = _INTERPRET_TILE
+        plain[(triton.cdiv(grid_rows, t), zb)](*args, **consts, BLOCK_M=t, BLOCK_N=t)
+        return
+    if consts["PREC"] == "ieee" or not _autotune():
+        cfg = K.FMA_CONFIG if consts["PREC"] == "ieee" else tuned.configs[0]
+        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+        grid = (triton.cdiv(grid_rows, bn if by_keys else bm), zb)
+        plain[grid](*args, **consts, **cfg.kwargs, num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages)  # fmt: skip
+        return
+
+    def grid_fn(meta: dict) -> tuple[int, int]:
+        return (triton.cdiv(grid_rows, meta["BLOCK_N"] if by_keys else meta["BLOCK_M"]), zb)
+
+    tuned[grid_fn](*args, **consts)
+
+
+def _batch_shape(*shapes: Sequence[int]) -> tuple[int, ...]:
+    return tuple(torch.broadcast_shapes(*(tuple(s) for s in shapes)))
+
+
+def _reduce(g: Tensor, like: Tensor) -> Tensor:
+    """Sum a gradient over the broadcast batch down to `like`'s shape, in `like`'s dtype."""
+    if g.shape != like.shape:
+        g = g.sum_to_size(like.shape)
+    return g.to(like.dtype)
+
+
+# --------------------------------------------------------------------------- forward
+
+
+def _forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    problem: Problem,
+    tangents: tuple[Tensor | None, Tensor | None, Tensor | None] | None,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Forward, with the fused JVP when `tangents` is given (then some may be None)."""
+    _check(q, k, v)
+    L, S, Ev = q.shape[-2], k.shape[-2], v.shape[-1]
+    tq, tk, tv = tangents if tangents is not None else (None, None, None)
+    mask_t, mask_kind = _mask_arg(mask, q, L, S)
+    mshape = mask.shape[:-2] if mask is not None else ()
+    batch = _batch_shape(q.shape[:-2], k.shape[:-2], mshape)
+    lay = _Batch(batch, [q, k, v, mask_t if mask is not None else None, tq, tk, tv])
+    qe, ke, ve, me, tqe, tke, tve = lay.tensors
+    me = me if me is not None else mask_t
+    out = torch.empty(*batch, L, Ev, dtype=q.dtype, device=q.device)
+    lse = torch.empty(*batch, L, dtype=_stat_dtype(q.dtype), device=q.device)
+    jvp = tangents is not None
+    has_s = jvp and (tq is not None or tk is not None)
+    o_dot = torch.empty_like(out) if jvp else None
+    mu = torch.empty_like(lse) if has_s else None
+    args = [
+        qe, ke, ve, me,
+        tqe if tqe is not None else q, tke if tke is not None else q,
+        tve if tve is not None else q, _scale_arg(problem, q.dtype, q.device),
+        out, lse, o_dot if o_dot is not None else out, mu if mu is not None else lse,
+        *lay.strides(qe), *lay.strides(ke), *lay.strides(ve),
+        *lay.strides(me if mask is not None else None),
+        *lay.strides(tqe), *lay.strides(tke), *lay.strides(tve),
+        lay.z[1], lay.z[2], L, S, _tune_n(L, S),
+    ]  # fmt: skip
+    consts = _consts(q, v, mask_kind, problem, L, S)
+    consts.update(JVP=jvp, HAS_TQ=tq is not None, HAS_TK=tk is not None, HAS_TV=tv is not None)
+    tuned = K.attn_fwd_dual_tuned if jvp else K.attn_fwd_tuned
+    _launch(tuned, K.attn_fwd_plain, L, lay.size, args, consts)
+    return out, lse, o_dot, mu
+
+
+@_kernel_entry(blockwise.forward)
+def forward(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, problem: Problem
+) -> tuple[Tensor, Tensor]:
+    """O (*B, L, Ev) and the row logsumexp lse (*B, L): one kernel pass, online softmax."""
+    if (why := _unsupported(q, k, v)) is not None:
+        warn_once("triton:unsupported", f"theria.sdpa(backend='triton'): {why}")
+        return blockwise.forward(q, k, v, mask, problem)
+    out, lse, _, _ = _forward(q, k, v, mask, problem, None)
+    return out, lse
+
+
+def forward_and_jvp(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    problem: Problem,
+    tq: Tensor | None,
+    tk: Tensor | None,
+    tv: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Forward and forward-mode JVP in one kernel pass (canonical inputs, tangents shaped like
+    their primals or None): (out (*B, L, Ev), lse (*B, L), o_dot (*B, L, Ev), μ (*B, L) or
+    None when Q̇ and K̇ are both None)."""
+    if (why := _unsupported(q, k, v)) is not None:
+        warn_once("triton:unsupported", f"theria.sdpa(backend='triton'): {why}")
+        out, lse = blockwise.forward(q, k, v, mask, problem)
+        o_dot, mu = blockwise.forward_jvp(q, k, v, mask, problem, out, lse, tq, tk, tv)
+        return out, lse, o_dot, mu
+    out, lse, o_dot, mu = _forward(q, k, v, mask, problem, (tq, tk, tv))
+    assert o_dot is not None
+    return out, lse, o_dot, mu
+
+
+@_kernel_entry(blockwise.forward_jvp)
+def forward_jvp(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    problem: Problem,
+    out: Tensor,
+    lse: Tensor,
+    tq: Tensor | None,
+    tk: Tensor | None,
+    tv: Tensor | None,
+) -> tuple[Tensor, Tensor | None]:
+    """Tangent of O given the saved lse: (Ȯ (*B, L, Ev), μ (*B, L) or None when Ṡ = 0)."""
+    if (why := _unsupported(q, k, v)) is not None:
+        warn_once("triton:unsupported", f"theria.sdpa(backend='triton'): {why}")
+        return blockwise.forward_jvp(q, k, v, mask, problem, out, lse, tq, tk, tv)
+    _check(q, k, v)
+    L, S, Ev = q.shape[-2], k.shape[-2], v.shape[-1]
+    mask_t, mask_kind = _mask_arg(mask, q, L, S)
+    mshape = mask.shape[:-2] if mask is not None else ()
+    batch = _batch_shape(q.shape[:-2], k.shape[:-2], mshape)
+    if tq is None and tk is None and tv is None:
+        return torch.zeros(*batch, L, Ev, dtype=q.dtype, device=q.device), None
+    lay = _Batch(batch, [q, k, v, mask_t if mask is not None else None, tq, tk, tv])
+    qe, ke, ve, me, tqe, tke, tve = lay.tensors
+    me = me if me is not None else mask_t
+    out_c = out.expand(*batch, L, Ev).contiguous()  # (Zb, L, Ev) as the kernel indexes it
+    lse_c = lse.expand(*batch, L).contiguous()
+    o_dot = torch.empty(*batch, L, Ev, dtype=q.dtype, device=q.device)
+    has_s = tq is not None or tk is not None
+    mu = torch.empty(*batch, L, dtype=lse_c.dtype, device=q.device) if has_s else None
+    args = [
+        qe, ke, ve, me,
+        tqe if tqe is not None else q, tke if tke is not None else q,
+        tve if tve is not None else q, _scale_arg(problem, q.dtype, q.device),
+        out_c, lse_c, o_dot, mu if mu is not None else lse_c,
+        *lay.strides(qe), *lay.strides(ke), *lay.strides(ve),
+        *lay.strides(me if mask is not None else None),
+        *lay.strides(tqe), *lay.strides(tke), *lay.strides(tve),
+        lay.z[1], lay.z[2], L, S, _tune_n(L, S),
+    ]  # fmt: skip
+    consts = _consts(q, v, mask_kind, problem, L, S)
+    consts.update(HAS_TQ=tq is not None, HAS_TK=tk is not None, HAS_TV=tv is not None)
+    _launch(K.attn_fwd_jvp_tuned, K.attn_fwd_jvp_plain, L, lay.size, args, consts)
+    return o_dot, mu
+
+
+# --------------------------------------------------------------------------- backward
+
+
+@_kernel_entry(blockwise.backward)
+def backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    problem: Problem,
+    out: Tensor,
+    lse: Tensor,
+    do: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """VJP with cotangent dO: δ preprocess, then the dK/dV pass and the dQ pass. Gradients
+    come back with the shapes (and dtype) of q, k, v."""
+    if (why := _unsupported(q, k, v)) is not None:
+        warn_once("triton:unsupported", f"theria.sdpa(backend='triton'): {why}")
+        return blockwise.backward(q, k, v, mask, problem, out, lse, do)
+    _check(q, k, v)
+    L, S, E, Ev = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    mask_t, mask_kind = _mask_arg(mask, q, L, S)
+    mshape = mask.shape[:-2] if mask is not None else ()
+    batch = _batch_shape(q.shape[:-2], k.shape[:-2], mshape, do.shape[:-2])
+    lay = _Batch(batch, [q, k, v, mask_t if mask is not None else None, do])
+    qe, ke, ve, me, doe = lay.tensors
+    me = me if me is not None else mask_t
+    zb = lay.size
+    out_c = out.expand(*batch, L, Ev).contiguous()  # (Zb, L, Ev)
+    lse_c = lse.expand(*batch, L).contiguous()
+    acc = _acc_dtype(q.dtype)
+    delta = torch.empty(*batch, L, dtype=acc, device=q.device)
+    pre_block = _INTERPRET_TILE if INTERPRET else 64
+    consts = _consts(q, v, mask_kind, problem, L, S)
+    K.attn_bwd_preprocess[(triton.cdiv(L, pre_block), zb)](
+        out_c, doe, delta, *lay.strides(doe), lay.z[1], lay.z[2], L,
+        EV=Ev, BLOCK_DV=consts["BLOCK_DV"], BLOCK_M=pre_block, F64=consts["F64"],
+    )  # fmt: skip
+
+    # Gradients of broadcast inputs are summed after the kernels: computed per batch entry
+    # (in the accumulation dtype, so the sum loses nothing), then reduced to the input's shape.
+    def grad_buffer(x: Tensor, rows: int, cols: int) -> Tensor:
+        dtype = x.dtype if tuple(x.shape[:-2]) == batch else acc
+        return torch.empty(*batch, rows, cols, dtype=dtype, device=q.device)
+
+    dq, dk, dv = grad_buffer(q, L, E), grad_buffer(k, S, E), grad_buffer(v, S, Ev)
+    common = [
+        *lay.strides(qe), *lay.strides(ke), *lay.strides(ve),
+        *lay.strides(me if mask is not None else None), *lay.strides(doe),
+        lay.z[1], lay.z[2], L, S, _tune_n(L, S),
+    ]  # fmt: skip
+    scale = _scale_arg(problem, q.dtype, q.device)
+    head = [qe, ke, ve, me, doe, scale, lse_c, delta]
+    _launch(K.attn_bwd_dkdv_tuned, K.attn_bwd_dkdv_plain, S, zb, [*head, dk, dv, *common], consts)
+    _launch(K.attn_bwd_dq_tuned, K.attn_bwd_dq_plain, L, zb, [*head, dq, *common], consts)
+    return _reduce(dq, q), _reduce(dk, k), _reduce(dv, v)
+
+
+@_kernel_entry(blockwise.backward_jvp)
+def backward_jvp(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    problem: Problem,
+    out: Tensor,
+    lse: Tensor,
+    do: Tensor,
+    tq: Tensor | None,
+    tk: Tensor | None,
+    tv: Tensor | None,
+    tdo: Tensor | None,
+    o_dot: Tensor | None = None,
+    mu: Tensor | None = None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor]:
+    """The JVP of `backward` (second order): the kernel of `kernels.second_order` when it
+    exists, else `blockwise.backward_jvp` on the same device (announced once). o_dot and mu,
+    when given, are the tangents of out and lse (they spare the first pass)."""
+    kernel = _second_order()
+    if kernel is not None and _unsupported(q, k, v) is None:
+        stats = {}
+        if getattr(kernel, "REUSES_TANGENT_STATS", False) or getattr(
+            _second_order_module(), "REUSES_TANGENT_STATS", False
+        ):
+            stats = {"o_dot": o_dot, "mu": mu}
+        return kernel(q, k, v, mask, problem, out, lse, do, tq, tk, tv, tdo, **stats)
+    warn_once(
+        "triton:second-order-fallback",
+        "theria.sdpa(backend='triton'): no Triton kernel for the second-order step "
+        "(backward_jvp) yet; using the torch backend's blockwise implementation on the same "
+        "device for it (exact, slower).",
+    )
+    # The forward keeps lse (and μ) in float32 for 16-bit inputs; run the blockwise formulas in
+    # float32 then (rounding lse to 16 bits would cost P its accuracy) and cast back.
+    dtype = q.dtype
+    if lse.dtype != dtype:
+        up = [
+            None if t is None else t.to(lse.dtype)
+            for t in (q, k, v, out, do, tq, tk, tv, tdo, o_dot)
+        ]
+        q32, k32, v32, out32, do32, tq32, tk32, tv32, tdo32, od32 = up
+        m32 = mask if mask is None or mask.dtype == torch.bool else mask.to(lse.dtype)
+        res = blockwise.backward_jvp(q32, k32, v32, m32, problem, out32, lse, do32, tq32, tk32,
+                                     tv32, tdo32, o_dot=od32, mu=mu)  # fmt: skip
+        return tuple(None if t is None else t.to(dtype) for t in res)  # type: ignore[return-value]
+    return blockwise.backward_jvp(q, k, v, mask, problem, out, lse, do, tq, tk, tv, tdo,
+                                  o_dot=o_dot, mu=mu)  # fmt: skip
+
+
+def _second_order_module() -> Any:
+    try:
+        from theria.attention.kernels import second_order
+    except ImportError:
+        return None
+    return second_order
+
+
+def _second_order() -> Any:
+    return getattr(_second_order_module(), "backward_jvp", None)
+
+
+# --------------------------------------------------------------------------- public helper
+
+
+def sdpa_jvp(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    t_query: Tensor | None,
+    t_key: Tensor | None,
+    t_value: Tensor | None,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Attention and its forward-mode tangent in one fused kernel pass (no autograd graph).
+
+    Same arguments as `theria.sdpa` plus tangents shaped like query, key, value (None = 0).
+    Returns (out, out_tangent), both (..., L, Ev) (with GQA (..., Hq, L, Ev)). For a
+    differentiable tangent use `torch.func.jvp(theria.sdpa, ...)`, which runs the forward and
+    the JVP as two kernel passes."""
+    c = canonicalize(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa, 256)
+    tq = t_query.unflatten(-3, c.q.shape[-4:-2]) if enable_gqa and t_query is not None else t_query
+    tk = t_key.unsqueeze(-3) if enable_gqa and t_key is not None else t_key
+    tv = t_value.unsqueeze(-3) if enable_gqa and t_value is not None else t_value
+    out, _lse, o_dot, _mu = forward_and_jvp(c.q, c.k, c.v, c.mask, c.problem, tq, tk, tv)
+    return c.restore(out), c.restore(o_dot)
