@@ -49,10 +49,11 @@ def query_loss(
 def check_inputs(model: nn.Module, params: Params, tasks: Episode) -> None:
     if not isinstance(tasks, Episode):
         raise TypeError(f"tasks must be an Episode (batched); got {type(tasks).__name__}")
-    if tasks.support_x.dim() < 2:
+    shapes = [tuple(t.shape) for t in (*tasks.tensors(), tasks.task_info)]
+    if tasks.support_x.dim() < 2 or len({s[:1] for s in shapes}) != 1:
         raise ValueError(
-            f"tasks must carry a leading task dim: support_x (T, K, ...); got "
-            f"{tuple(tasks.support_x.shape)}"
+            "tasks must carry a leading task dim T on every tensor (support_x (T, K, ...), ..., "
+            f"task_info (T, ...)), as sampler.sample returns; got shapes {shapes}"
         )
     names = dict(model.named_parameters())
     missing = [k for k in names if k not in params]
