@@ -1,13 +1,5 @@
-"""These tests run many tiny ops: one intra-op thread avoids OpenMP spin contention on a
-shared 2-core machine (20× slower steps measured under load), and changes no result."""
+"""One intra-op thread for these tiny-op tests (see tests/algos/conftest.py)."""
 
-import pytest
-import torch
+from tests.algos.conftest import _one_thread
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+__all__ = ["_one_thread"]
