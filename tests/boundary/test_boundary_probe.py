@@ -156,3 +156,10 @@ def test_probe_rejects_bad_arguments() -> None:
         probe(analytic("ok"), device="cpu", dtype=F64, capabilities=("telepathy",))
     with pytest.raises(ValueError, match="dtype"):
         probe(analytic("ok"), device="cpu", dtype=torch.int32)
+
+
+def test_time_budget_reports_unprobed_paths() -> None:
+    paths = [p for p in builtin_paths() if p.name in ("sdpa math", "theria torch")]
+    results = run("cpu", [F64], paths=paths, time_budget=0.0)
+    assert [r.name for r in results] == ["sdpa math", "theria torch"]  # nothing dropped
+    assert all(not r.available and "time budget" in (r.reason or "") for r in results)

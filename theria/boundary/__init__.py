@@ -101,6 +101,7 @@ def run(
     compile_paths: bool = True,
     compile_dtypes: Sequence[torch.dtype] | None = None,
     verbose: bool = False,
+    time_budget: float | None = None,
 ) -> list[ProbeResult]:
     """Probe every path at every dtype on ``device``.
 
@@ -111,6 +112,9 @@ def run(
             double backward (PyTorch warns that compiled double backward can be silently
             wrong), at ``compile_dtypes`` (default: the first dtype only, to bound compile
             time).
+        verbose: print one progress line per path on stderr.
+        time_budget: seconds; paths not started within it are reported as unavailable with
+            the reason "not probed: time budget exhausted" (never dropped from the report).
     Returns:
         One `ProbeResult` per (path, dtype), eager paths first, then compiled ones.
     """
@@ -121,11 +125,21 @@ def run(
     compile_dtypes = tuple(compile_dtypes or dtypes[:1])
     paths = list(paths or builtin_paths())
     results: list[ProbeResult] = []
+    t0 = time.perf_counter()
+
+    def probe_or_skip(path: Path, dtype: torch.dtype, fresh: bool = False) -> None:
+        if time_budget is not None and time.perf_counter() - t0 > time_budget:
+            why = f"not probed: the time budget of {time_budget:g} s was exhausted"
+            r = ProbeResult(path.name, str(device), str(dtype)[6:], available=False, reason=why)
+        else:
+            r = _probe_path(path, device, dtype, fresh=fresh)
+        results.append(r)
+        if verbose:
+            _print_progress(r)
+
     for dtype in dtypes:
         for path in paths:
-            results.append(_probe_path(path, device, dtype))
-            if verbose:
-                _print_progress(results[-1])
+            probe_or_skip(path, dtype)
     if compile_paths:
         eager = {(r.name, r.dtype): r for r in results}
         with _compile_settings():
@@ -134,9 +148,7 @@ def run(
                     r = eager.get((path.name, str(dtype)[6:]))
                     if r is None or r.status("double_backward") is not Status.WORKS:
                         continue
-                    results.append(_probe_path(compiled(path), device, dtype, fresh=True))
-                    if verbose:
-                        _print_progress(results[-1])
+                    probe_or_skip(compiled(path), dtype, fresh=True)
     return results
 
 

@@ -62,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME",
         help="probe only the built-in paths whose name contains one of these",
     )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="paths not started within this many seconds are reported as not probed",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no per-path progress on stderr")
     args = p.parse_args(argv)  # fmt: skip
 
@@ -75,7 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         if not paths:
             p.error(f"--only {args.only}: no built-in path matches; see theria.boundary.paths")
     results = run(
-        device, dtypes, paths=paths, compile_paths=not args.no_compile, verbose=not args.quiet
+        device,
+        dtypes,
+        paths=paths,
+        compile_paths=not args.no_compile,
+        verbose=not args.quiet,
+        time_budget=args.time_budget,
     )
     env = environment(str(device))
     md = to_markdown(results, env)
