@@ -85,6 +85,13 @@ def test_cli(tmp_path, capsys) -> None:
     assert "| sdpa default |" in contract.read_text().split("boundary:cpu:end")[0]
     with pytest.raises(SystemExit):
         main(["--only", "no such path"])
+    # A saved run (e.g. from the GPU machine) renders the same report and contract section.
+    out_md2, contract2 = tmp_path / "r2.md", tmp_path / "C2.md"
+    args = ["--from-json", str(out_json), "--markdown", str(out_md2), "--section", "gpu"]
+    assert main([*args, "--update-contract", str(contract2)]) == 0
+    assert out_md2.read_text() == out_md.read_text()
+    gpu = contract2.read_text().split("boundary:gpu:begin")[1]
+    assert "| sdpa default |" in gpu and "Pending" not in gpu
 
 
 def test_import_is_cheap() -> None:

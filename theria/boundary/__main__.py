@@ -2,10 +2,16 @@
 
     python -m theria.boundary [--device cpu|cuda] [--dtype float64 bfloat16 ...]
                               [--json FILE] [--markdown FILE] [--no-compile]
+                              [--only NAME ...] [--time-budget SECONDS]
                               [--update-contract docs/CONTRACT.md --section cpu|gpu]
+                              [--from-json FILE]
 
 Prints the Markdown report to stdout; --update-contract rewrites only the text between the
-``<!-- boundary:SECTION:begin/end -->`` markers of that file.
+``<!-- boundary:SECTION:begin/end -->`` markers of that file. A run on another machine can be
+saved with --json and turned into the report (or the contract section) here with --from-json:
+
+    python -m theria.boundary --from-json boundary_cuda.json \
+        --update-contract docs/CONTRACT.md --section gpu
 """
 
 from __future__ import annotations
@@ -16,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from theria.boundary import builtin_paths, environment, run, to_json, to_markdown
-from theria.boundary.report import update_contract
+from theria.boundary import ProbeResult, builtin_paths, environment, run, to_json, to_markdown
+from theria.boundary.report import from_json, update_contract
 
 _DTYPES = {
     "float64": torch.float64,
@@ -69,9 +75,20 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SECONDS",
         help="paths not started within this many seconds are reported as not probed",
     )
+    p.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="render the reports from a saved --json FILE instead of probing (e.g. a GPU run)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no per-path progress on stderr")
     args = p.parse_args(argv)  # fmt: skip
 
+    if args.from_json:
+        results, env = from_json(args.from_json.read_text())
+        device = torch.device(results[0].device if results else args.device)
+        return _write(args, results, env, device)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: torch.cuda.is_available() is False on this machine")
@@ -89,7 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         verbose=not args.quiet,
         time_budget=args.time_budget,
     )
-    env = environment(str(device))
+    return _write(args, results, environment(str(device)), device)
+
+
+def _write(
+    args: argparse.Namespace, results: list[ProbeResult], env: dict[str, str], device: torch.device
+) -> int:
     md = to_markdown(results, env)
     print(md)
     if args.markdown:

@@ -141,6 +141,14 @@ class ProbeResult:
         d["results"] = {k: {**asdict(r), "status": r.status.value} for k, r in self.results.items()}
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ProbeResult:
+        """Inverse of `to_dict` (reports can be rendered from a saved JSON)."""
+        results = {
+            k: CapResult(**{**r, "status": Status(r["status"])}) for k, r in d["results"].items()
+        }
+        return cls(**{**d, "results": results})
+
 
 class Unavailable(Exception):
     """Raised by a path factory when the path does not exist in this build or on this device."""

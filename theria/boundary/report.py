@@ -163,6 +163,12 @@ def to_json(results: Sequence[ProbeResult], env: dict[str, str]) -> str:
     return json.dumps(payload, indent=1)
 
 
+def from_json(text: str) -> tuple[list[ProbeResult], dict[str, str]]:
+    """(results, environment) from the output of `to_json`."""
+    payload = json.loads(text)
+    return [ProbeResult.from_dict(r) for r in payload["results"]], payload["environment"]
+
+
 def _markers(section: str) -> tuple[str, str]:
     return f"<!-- boundary:{section}:begin -->", f"<!-- boundary:{section}:end -->"
 
