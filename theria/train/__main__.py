@@ -1,0 +1,37 @@
+"""`python -m theria.train [overrides]`: Hydra's entry point around the plain `train(cfg)`."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from theria.config import register_configs
+from theria.train import CONF_DIR
+from theria.train.build import ConfigError
+from theria.train.loop import NonFiniteLossError, train
+
+register_configs()
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    try:
+        results = train(cfg)
+    except (ConfigError, NonFiniteLossError) as e:
+        print(f"[theria.train] error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    test = results["test"]["query_loss_post"]
+    print(
+        f"[theria.train] meta-test query loss {test['mean']:.4g} ± {test['ci95']:.2g} "
+        f"(95% CI, {test['n']} tasks)\n"
+        f"  results:     {results['run_dir']}/results.json\n"
+        f"  tensorboard: tensorboard --logdir {results['tensorboard'] or '(disabled)'}\n"
+        f"  checkpoint:  {results['checkpoint']}"
+    )
+    return test["mean"]  # for sweepers that optimize
+
+
+if __name__ == "__main__":
+    main()
