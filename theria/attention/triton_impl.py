@@ -203,12 +203,25 @@ def _mask_arg(mask: Tensor | None, q: Tensor, L: int, S: int) -> tuple[Tensor, i
     return mask, 2
 
 
+def _natural(dtype: torch.dtype) -> bool:
+    """float32/float64 kernels use natural exp/log; 16-bit ones exp2 (see kernels/first_order)."""
+    return dtype in (torch.float32, torch.float64)
+
+
 def _scale_arg(problem: Problem, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """[scale in the kernels' exponent units, scale]: log2(e)·scale for exp2, except float64,
-    which uses natural exp; a tensor keeps float64's scale exact (a Python float is float32)."""
-    acc = _acc_dtype(dtype)
-    unit = 1.0 if acc == torch.float64 else K.LOG2E
-    return torch.tensor([problem.scale * unit, problem.scale], dtype=acc, device=device)
+    """[scale in the kernels' exponent units, scale]: log2(e)·scale for exp2 (16-bit inputs),
+    scale for natural exp; a tensor keeps float64's scale exact (a Python float is float32)."""
+    key = (problem.scale, dtype, device)
+    if key not in _SCALES:  # cached: a host-to-device copy per call would stall the launches
+        if len(_SCALES) > 64:
+            _SCALES.clear()
+        unit = 1.0 if _natural(dtype) else K.LOG2E
+        values = [problem.scale * unit, problem.scale]
+        _SCALES[key] = torch.tensor(values, dtype=_acc_dtype(dtype), device=device)
+    return _SCALES[key]
+
+
+_SCALES: dict[tuple, Tensor] = {}
 
 
 def _consts(q: Tensor, v: Tensor, mask_kind: int, problem: Problem, L: int, S: int) -> dict:
@@ -222,6 +235,8 @@ def _consts(q: Tensor, v: Tensor, mask_kind: int, problem: Problem, L: int, S: i
         MASK_KIND=mask_kind,
         IS_CAUSAL=problem.is_causal,
         F64=f64,
+        NATURAL=_natural(q.dtype),
+        RLN=1.0 if _natural(q.dtype) else K.LOG2E,  # the scores' unit: exp2 or natural exp
         # float32 as IEEE float32 (torch's default matmul precision), not TF32; for 16-bit
         # inputs the option does not apply.
         PREC="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",

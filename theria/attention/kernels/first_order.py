@@ -25,13 +25,18 @@ Limits and conventions:
   dims to fit three.
 - Mask: MASK_KIND 0 none, 1 boolean (stored as uint8, nonzero = attend), 2 additive float;
   causal is top-left aligned (key j attends query i iff j <= i).
-- Precision: 16-bit inputs are multiplied on the tensor cores with float32 accumulation; float32
-  inputs use IEEE float32 dots (PREC="ieee", not TF32) so they match torch's float32 matmul;
-  float64 (the interpreter's checks) uses float64 throughout with natural exp/log (F64=True).
-  Otherwise exponentials are exp2 with the scale pre-multiplied by log2(e).
+- Precision: 16-bit inputs are multiplied on the tensor cores with float32 accumulation, and
+  exponentials are exp2 with the scale pre-multiplied by log2(e) (one multiply less per score).
+  float32 inputs use IEEE float32 dots (PREC="ieee", not TF32) so they match torch's float32
+  matmul, and natural exp/log (NATURAL=True): folding log2(e) into the scores would round
+  s·log2(e) (an error ∝ |s|, not |s − max|) and round-trip lse through log2, which costs
+  float32 its 2×-of-torch accuracy. float64 (the interpreter's checks) is float64 throughout
+  (F64=True), also NATURAL.
 - Rows whose every key is masked: O = 0, lse = -inf, zero derivatives, never NaN.
-- The scale is read from a small tensor (SCALE[0] = scale·log2(e) or scale for F64, SCALE[1] =
-  scale) so that a float64 run keeps a float64 scale (a Python float argument is float32).
+- RLN is the unit of the scores: log2(e) for exp2 (16-bit), 1 when NATURAL.
+- The scale is read from a small tensor (SCALE[0] = scale·log2(e), or scale when NATURAL;
+  SCALE[1] = scale) so that a float64 run keeps a float64 scale (a Python float argument is
+  float32).
 """
 
 from __future__ import annotations
@@ -44,8 +49,8 @@ LN2 = 0.6931471805599453  # ln 2, so ln(x) = log2(x)·LN2
 
 
 @triton.jit
-def _exp(x, F64: tl.constexpr):
-    if F64:
+def _exp(x, NATURAL: tl.constexpr):
+    if NATURAL:
         return tl.exp(x)
     else:
         return tl.exp2(x)
@@ -115,10 +120,9 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr,
     JVP: tl.constexpr, HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
-    F64: tl.constexpr, PREC: tl.constexpr,
+    F64: tl.constexpr, NATURAL: tl.constexpr, RLN: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     ACC = tl.float64 if F64 else tl.float32
-    RLN: tl.constexpr = 1.0 if F64 else 1.4426950408889634  # log2(e): scores in exp2 units
     start_m = tl.program_id(0) * BLOCK_M
     pid_b = tl.program_id(1)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -129,7 +133,7 @@ def _attn_fwd(
     K += _batch_offset(pid_b, Z1, Z2, sk0, sk1, sk2)
     V += _batch_offset(pid_b, Z1, Z2, sv0, sv1, sv2)
     MASK += _batch_offset(pid_b, Z1, Z2, sm0, sm1, sm2)
-    qk_scale = tl.load(SCALE).to(ACC)  # scale·log2(e) (scale for F64)
+    qk_scale = tl.load(SCALE).to(ACC)  # scale·log2(e) (scale when NATURAL)
     t_scale = tl.load(SCALE + 1).to(ACC)  # scale, for the score tangent
 
     row_ok = offs_m[:, None] < L
@@ -162,8 +166,8 @@ def _attn_fwd(
                          RLN, MASK_KIND, IS_CAUSAL, EVEN_N)  # fmt: skip
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
-        p = _exp(s - m_safe[:, None], F64)
-        alpha = _exp(m_i - m_safe, F64)  # rescales what earlier blocks summed
+        p = _exp(s - m_safe[:, None], NATURAL)
+        alpha = _exp(m_i - m_safe, NATURAL)  # rescales what earlier blocks summed
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + cols[:, None] * svn + offs_e[None, :] * svd,
                     mask=(cols[:, None] < S) & (offs_e[None, :] < EV), other=0.0)  # fmt: skip
@@ -193,7 +197,7 @@ def _attn_fwd(
     inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
     out = acc * inv_l[:, None]
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-    if F64:
+    if NATURAL:
         lse = m_safe + tl.log(tl.where(empty, 1.0, l_i))
     else:
         lse = (m_safe + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453  # ·ln 2
@@ -230,11 +234,10 @@ def _attn_fwd_jvp(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr,
     HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
-    F64: tl.constexpr, PREC: tl.constexpr,
+    F64: tl.constexpr, NATURAL: tl.constexpr, RLN: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Ȯ = (P∘Ṡ)V − μ∘O + P V̇ and μ = rowsum(P∘Ṡ), with P = exp(S − lse) from the saved lse."""
     ACC = tl.float64 if F64 else tl.float32
-    RLN: tl.constexpr = 1.0 if F64 else 1.4426950408889634  # log2(e)
     start_m = tl.program_id(0) * BLOCK_M
     pid_b = tl.program_id(1)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -274,7 +277,7 @@ def _attn_fwd_jvp(
         s = tl.dot(q, kT, input_precision=PREC, out_dtype=ACC) * qk_scale  # (BM, D) @ (D, BN)
         s = _mask_scores(s, offs_m[:, None], cols[None, :], MASK, smm, smn, L, S,
                          RLN, MASK_KIND, IS_CAUSAL, EVEN_N)  # fmt: skip
-        p = _exp(s - lse[:, None], F64)
+        p = _exp(s - lse[:, None], NATURAL)
         if HAS_TQ or HAS_TK:
             v = tl.load(V + cols[:, None] * svn + offs_e[None, :] * svd,
                         mask=(cols[:, None] < S) & (offs_e[None, :] < EV), other=0.0)  # fmt: skip
@@ -337,12 +340,11 @@ def _attn_bwd_dkdv(
     E: tl.constexpr, EV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_M: tl.constexpr,
-    F64: tl.constexpr, PREC: tl.constexpr,
+    F64: tl.constexpr, NATURAL: tl.constexpr, RLN: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """One key block per program, looping over query blocks; works on transposed tiles
     (keys × queries) so that Pᵀ and dSᵀ come out without a transpose."""
     ACC = tl.float64 if F64 else tl.float32
-    RLN: tl.constexpr = 1.0 if F64 else 1.4426950408889634  # log2(e)
     start_n = tl.program_id(0) * BLOCK_N
     pid_b = tl.program_id(1)
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -376,7 +378,7 @@ def _attn_bwd_dkdv(
         sT = tl.dot(k, qT, input_precision=PREC, out_dtype=ACC) * qk_scale  # (BN, D) @ (D, BM)
         sT = _mask_scores(sT, rows[None, :], offs_n[:, None], MASK, smm, smn, L, S,
                           RLN, MASK_KIND, IS_CAUSAL, True)  # fmt: skip
-        pT = _exp(sT - lse[None, :], F64)
+        pT = _exp(sT - lse[None, :], NATURAL)
         if not EVEN_M:
             pT = tl.where(row_ok, pT, 0.0)  # rows past L
         do = tl.load(DO + rows[:, None] * sdom + offs_e[None, :] * sdod,
@@ -407,11 +409,10 @@ def _attn_bwd_dq(
     E: tl.constexpr, EV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr,
-    F64: tl.constexpr, PREC: tl.constexpr,
+    F64: tl.constexpr, NATURAL: tl.constexpr, RLN: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """One query block per program, looping over key blocks: dQ = scale·Σ_blocks dS K."""
     ACC = tl.float64 if F64 else tl.float32
-    RLN: tl.constexpr = 1.0 if F64 else 1.4426950408889634  # log2(e)
     start_m = tl.program_id(0) * BLOCK_M
     pid_b = tl.program_id(1)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -445,7 +446,7 @@ def _attn_bwd_dq(
         s = tl.dot(q, kT, input_precision=PREC, out_dtype=ACC) * qk_scale  # (BM, D) @ (D, BN)
         s = _mask_scores(s, offs_m[:, None], cols[None, :], MASK, smm, smn, L, S,
                          RLN, MASK_KIND, IS_CAUSAL, EVEN_N)  # fmt: skip
-        p = _exp(s - lse[:, None], F64)
+        p = _exp(s - lse[:, None], NATURAL)
         dp = tl.dot(do, vT, input_precision=PREC, out_dtype=ACC)  # (BM, Dv) @ (Dv, BN)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PREC)  # (BM, BN) @ (BN, D)
@@ -464,7 +465,7 @@ def _configs(pairs: list[tuple[int, int, int, int]]) -> list[triton.Config]:
 # Autotuned launchers for CUDA (the interpreter launches the plain kernels with small fixed
 # tiles). Tuned per (sequence-length bucket, head dims, flags); a config that does not fit the
 # shared memory is skipped by the autotuner. EVEN_* depend on the tile, hence the heuristics.
-_TUNE_KEY = ["TUNE_N", "E", "EV", "MASK_KIND", "IS_CAUSAL", "F64", "PREC"]
+_TUNE_KEY = ["TUNE_N", "E", "EV", "MASK_KIND", "IS_CAUSAL", "F64", "NATURAL", "PREC"]
 _even_n = {"EVEN_N": lambda a: a["S"] % a["BLOCK_N"] == 0}
 _even_m = {"EVEN_M": lambda a: a["L"] % a["BLOCK_M"] == 0}
 
