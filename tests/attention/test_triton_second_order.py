@@ -88,6 +88,16 @@ def test_matches_blockwise_float64(so, case: Case, tangents: str) -> None:
         assert torch.isfinite(g).all(), name
 
 
+@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[5]], ids=str)
+def test_query_major_dkdv_tiles(so, case: Case, monkeypatch) -> None:
+    """The dK̇/dV̇ kernel's other tile orientation (query-major, transposed before the dots)."""
+    monkeypatch.setattr(so, "INTERPRET_CONFIG", (32, 16, 1, 1, False))
+    c = _canonical(case, torch.float64)
+    got, args = _run(so, c, "qkvd")
+    for g, w in zip(got, blockwise.backward_jvp(*args), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("tangents", ["q", "k_dO", "v"])
 @pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[6]], ids=str)
 def test_partial_tangents_float64(so, case: Case, tangents: str) -> None:

@@ -49,25 +49,29 @@ from theria.attention.contract import Problem
 
 MAX_HEAD_DIM = 256
 
-# Tile shapes per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages), keyed by the padded head dim.
-# GPU values chosen by the sweep in theria/bench/hvp.py (`--sweep`) on an H100; the
-# interpreter uses the smallest tiles tl.dot accepts (16), which keeps the CPU tests fast.
-CONFIGS: dict[str, dict[int, tuple[int, int, int, int]]] = {
-    "rowstats": {64: (128, 64, 8, 3), 128: (128, 64, 8, 2), 256: (64, 32, 8, 2)},
-    "dq": {64: (128, 64, 8, 3), 128: (64, 64, 8, 2), 256: (32, 32, 8, 2)},
-    "dkdv": {64: (64, 128, 8, 3), 128: (32, 64, 8, 2), 256: (16, 32, 8, 2)},
-}
-_INTERPRET_CONFIG = (16, 16, 1, 1)
-
-
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the kernels are built
 
+# Tile shapes per kernel, keyed by the padded head dim:
+#     (BLOCK_M, BLOCK_N, num_warps, num_stages, key-major tiles: dkdv only)
+# GPU values from the sweep of `python -m theria.bench hvp --sweep` on an H100 (bf16, N=4096,
+# experiments/results/triton_hvp_h100.md). The interpreter uses the smallest tiles tl.dot takes
+# (16), with BLOCK_M != BLOCK_N so that a mixed-up tile axis cannot pass the CPU tests.
+Config = tuple[int, int, int, int, bool]
+CONFIGS: dict[str, dict[int, Config]] = {
+    "rowstats": {64: (64, 64, 4, 3, False), 128: (64, 64, 4, 3, False), 256: (32, 32, 4, 2, False)},
+    "dq": {64: (128, 64, 8, 3, False), 128: (64, 64, 4, 3, False), 256: (32, 32, 4, 2, False)},
+    "dkdv": {64: (32, 64, 4, 3, False), 128: (32, 64, 4, 3, False), 256: (16, 32, 4, 2, False)},
+}
+INTERPRET_CONFIG: Config = (16, 32, 1, 1, True)
 
-def _config(kernel: str, block_e: int) -> tuple[int, int, int, int]:
+
+def _config(kernel: str, block_e: int) -> Config:
     if INTERPRET:
-        return _INTERPRET_CONFIG
+        bm, bn, w, st, key_major = INTERPRET_CONFIG
+        return bm, bn, w, st, key_major and kernel == "dkdv"
     table = CONFIGS[kernel]
     return table[min(d for d in table if d >= block_e)]
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,6 +82,34 @@ def _config(kernel: str, block_e: int) -> tuple[int, int, int, int]:
 @triton.jit
 def _dot(a, b, PREC: tl.constexpr, ACC: tl.constexpr):
     return tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
+
+
+@triton.jit
+def _outer(a, b, T: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    """a (M, d) times b (N, d)ᵀ: the (M, N) tile, or when T its transpose (N, M) computed
+    directly (a key-major tile lets the tensor cores take the key block as the M side)."""
+    if T:
+        return _dot(b, tl.trans(a), PREC, ACC)  # (N, d) @ (d, M) -> (N, M)
+    else:
+        return _dot(a, tl.trans(b), PREC, ACC)  # (M, d) @ (d, N) -> (M, N)
+
+
+@triton.jit
+def _rows(x, T: tl.constexpr):
+    """A per-query-row vector broadcast across the key axis of a tile (see `_outer`)."""
+    if T:
+        return x[None, :]
+    else:
+        return x[:, None]
+
+
+@triton.jit
+def _cols(x, T: tl.constexpr):
+    """A per-key vector broadcast across the query axis of a tile (see `_outer`)."""
+    if T:
+        return x[:, None]
+    else:
+        return x[None, :]
 
 
 @triton.jit
@@ -96,24 +128,26 @@ def _probs(
     scale,
     MASK_KIND: tl.constexpr,
     CAUSAL: tl.constexpr,
+    T: tl.constexpr,
     PREC: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """P = exp(scale·q kᵀ + mask − lse) for one (BLOCK_M, BLOCK_N) tile; 0 where masked or
-    outside the (L, S) problem. `lse` is the saved logsumexp with −inf (empty rows) set to 0."""
-    s = _dot(q, tl.trans(k), PREC, ACC) * scale  # (M, E) @ (E, N) -> (M, N)
-    keep = (offs_m[:, None] < L) & (offs_n[None, :] < S)
+    """P = exp(scale·q kᵀ + mask − lse) for one (BLOCK_M, BLOCK_N) tile (transposed when T);
+    0 where masked or outside the (L, S) problem. `lse` is the saved logsumexp with −inf (empty
+    rows) set to 0."""
+    s = _outer(q, k, T, PREC, ACC) * scale
+    rows, cols = _rows(offs_m, T), _cols(offs_n, T)
+    keep = (rows < L) & (cols < S)
     if CAUSAL:
-        keep = keep & (offs_n[None, :] <= offs_m[:, None])  # top-left aligned, as PyTorch's
+        keep = keep & (cols <= rows)  # top-left aligned, as PyTorch's
     if MASK_KIND != 0:
-        m_ptrs = MASK + mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
-        m = tl.load(m_ptrs, mask=keep, other=0)
+        m = tl.load(MASK + mask_base + rows * stride_mm + cols * stride_mn, mask=keep, other=0)
         if MASK_KIND == 1:  # bool mask, True = attend
             keep = keep & (m != 0)
         else:  # additive float mask
             s = s + m.to(ACC)
     s = tl.where(keep, s, float("-inf"))
-    return tl.exp(s - lse[:, None])
+    return tl.exp(s - _rows(lse, T))
 
 
 @triton.jit
@@ -125,16 +159,17 @@ def _score_tangent(
     scale,
     HAS_TQ: tl.constexpr,
     HAS_TK: tl.constexpr,
+    T: tl.constexpr,
     PREC: tl.constexpr,
     ACC: tl.constexpr,
 ):
     """Ṡ = scale·(Q̇ kᵀ + q K̇ᵀ) for one tile (the mask is constant: no tangent)."""
     if HAS_TQ:
-        sd = _dot(tq, tl.trans(k), PREC, ACC)  # (M, E) @ (E, N) -> (M, N)
+        sd = _outer(tq, k, T, PREC, ACC)
         if HAS_TK:
-            sd += _dot(q, tl.trans(tk), PREC, ACC)
+            sd += _outer(q, tk, T, PREC, ACC)
     else:
-        sd = _dot(q, tl.trans(tk), PREC, ACC)
+        sd = _outer(q, tk, T, PREC, ACC)
     return sd * scale
 
 
@@ -167,29 +202,31 @@ def _hvp_tile(
     HAS_TDO: tl.constexpr,
     MASK_KIND: tl.constexpr,
     CAUSAL: tl.constexpr,
+    T: tl.constexpr,
     PREC: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """P, Ṗ, dS, dṠ for one (BLOCK_M, BLOCK_N) tile (Ṗ is 0 when Ṡ = 0; callers skip it)."""
+    """P, Ṗ, dS, dṠ for one (BLOCK_M, BLOCK_N) tile, or (BLOCK_N, BLOCK_M) when T (Ṗ is
+    returned as P when Ṡ = 0; callers skip it then)."""
     p = _probs(
         q, k, lse, offs_m, offs_n, L, S, MASK, mask_base, stride_mm, stride_mn, scale,
-        MASK_KIND, CAUSAL, PREC, ACC,
+        MASK_KIND, CAUSAL, T, PREC, ACC,
     )  # fmt: skip
-    dp_c = _dot(do, tl.trans(v), PREC, ACC) - delta[:, None]  # dO Vᵀ − δ: (M, Ev) @ (Ev, N)
+    dp_c = _outer(do, v, T, PREC, ACC) - _rows(delta, T)  # dO Vᵀ − δ
     ds = p * dp_c
     if HAS_TV or HAS_TDO:
         if HAS_TV:
-            dpd = _dot(do, tl.trans(tv), PREC, ACC)  # dȮ-free part: dO V̇ᵀ
+            dpd = _outer(do, tv, T, PREC, ACC)  # dO V̇ᵀ
             if HAS_TDO:
-                dpd += _dot(tdo, tl.trans(v), PREC, ACC)
+                dpd += _outer(tdo, v, T, PREC, ACC)
         else:
-            dpd = _dot(tdo, tl.trans(v), PREC, ACC)  # dȮ Vᵀ
-        dsd = p * (dpd - delta_dot[:, None])
+            dpd = _outer(tdo, v, T, PREC, ACC)  # dȮ Vᵀ
+        dsd = p * (dpd - _rows(delta_dot, T))
     else:
-        dsd = -p * delta_dot[:, None]
+        dsd = -p * _rows(delta_dot, T)
     if HAS_TQ or HAS_TK:
-        sd = _score_tangent(q, tq, k, tk, scale, HAS_TQ, HAS_TK, PREC, ACC)
-        pd = p * (sd - mu[:, None])
+        sd = _score_tangent(q, tq, k, tk, scale, HAS_TQ, HAS_TK, T, PREC, ACC)
+        pd = p * (sd - _rows(mu, T))
         dsd += pd * dp_c
     else:
         pd = p
@@ -259,13 +296,13 @@ def _attn_hvp_rowstats(
         k = _load_rows(K, kb * S * E, offs_n, offs_e, S, E)
         p = _probs(
             q, k, lse, offs_m, offs_n, L, S, MASK, mask_base, stride_mm, stride_mn, scale,
-            MASK_KIND, CAUSAL, PREC, ACC,
+            MASK_KIND, CAUSAL, False, PREC, ACC,
         )  # fmt: skip
         if HAS_TQ or HAS_TK:
             tk = k
             if HAS_TK:
                 tk = _load_rows(TK, kb * S * E, offs_n, offs_e, S, E)
-            ps = p * _score_tangent(q, tq, k, tk, scale, HAS_TQ, HAS_TK, PREC, ACC)
+            ps = p * _score_tangent(q, tq, k, tk, scale, HAS_TQ, HAS_TK, False, PREC, ACC)
             mu += tl.sum(ps, axis=1)
             v = _load_rows(V, kb * S * EV, offs_n, offs_ev, S, EV)
             acc += _dot(ps.to(v.dtype), v, PREC, ACC)  # (M, N) @ (N, Ev) -> (M, Ev)
@@ -343,7 +380,7 @@ def _attn_hvp_dq(
             _p, _pd, ds, dsd = _hvp_tile(
                 q, tq, k, tk, v, tv, do, tdo, lse, mu, delta, delta_dot, offs_m, offs_n, L, S,
                 MASK, mask_base, stride_mm, stride_mn, scale,
-                HAS_TQ, HAS_TK, HAS_TV, HAS_TDO, MASK_KIND, CAUSAL, PREC, ACC,
+                HAS_TQ, HAS_TK, HAS_TV, HAS_TDO, MASK_KIND, CAUSAL, False, PREC, ACC,
             )  # fmt: skip
             acc += _dot(dsd.to(k.dtype), k, PREC, ACC)  # dṠ K: (M, N) @ (N, E) -> (M, E)
             if HAS_TK:
@@ -363,6 +400,7 @@ def _attn_hvp_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr, HAS_TDO: tl.constexpr,
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    KEY_MAJOR: tl.constexpr,
 ):  # fmt: skip
     """Pass 2b, one program per (k batch element, key block): dK̇ and dV̇, summed over the GK
     flat batch indices z that share this k element (KGROUP row), each over all query blocks."""
@@ -409,16 +447,18 @@ def _attn_hvp_dkdv(
             p, pd, ds, dsd = _hvp_tile(
                 q, tq, k, tk, v, tv, do, tdo, lse, mu, delta, delta_dot, offs_m, offs_n, L, S,
                 MASK, mask_base, stride_mm, stride_mn, scale,
-                HAS_TQ, HAS_TK, HAS_TV, HAS_TDO, MASK_KIND, CAUSAL, PREC, ACC,
+                HAS_TQ, HAS_TK, HAS_TV, HAS_TDO, MASK_KIND, CAUSAL, KEY_MAJOR, PREC, ACC,
             )  # fmt: skip
+            if not KEY_MAJOR:  # tiles are (M, N): transpose them for the key side
+                p, pd, ds, dsd = tl.trans(p), tl.trans(pd), tl.trans(ds), tl.trans(dsd)
             # (N, M) @ (M, E) -> (N, E)
-            dk += _dot(tl.trans(dsd).to(q.dtype), q, PREC, ACC)  # dṠᵀ Q
+            dk += _dot(dsd.to(q.dtype), q, PREC, ACC)  # dṠᵀ Q
             if HAS_TQ:
-                dk += _dot(tl.trans(ds).to(tq.dtype), tq, PREC, ACC)  # dSᵀ Q̇
+                dk += _dot(ds.to(tq.dtype), tq, PREC, ACC)  # dSᵀ Q̇
             if HAS_TQ or HAS_TK:
-                dv += _dot(tl.trans(pd).to(do.dtype), do, PREC, ACC)  # Ṗᵀ dO: (N, M) @ (M, Ev)
+                dv += _dot(pd.to(do.dtype), do, PREC, ACC)  # Ṗᵀ dO: (N, M) @ (M, Ev) -> (N, Ev)
             if HAS_TDO:
-                dv += _dot(tl.trans(p).to(tdo.dtype), tdo, PREC, ACC)  # Pᵀ dȮ
+                dv += _dot(p.to(tdo.dtype), tdo, PREC, ACC)  # Pᵀ dȮ
     dk_ptrs = DK_DOT + kb * S * E + offs_n[:, None] * E + offs_e[None, :]
     tl.store(
         dk_ptrs,
@@ -565,7 +605,7 @@ def backward_jvp(
     # The scale as a one-element tensor: a Python float would reach the kernel as float32.
     scale = torch.tensor([problem.scale], device=device, dtype=acc_t)
 
-    bm, bn, warps, stages = _config("rowstats", block_e)
+    bm, bn, warps, stages, _ = _config("rowstats", block_e)
     _attn_hvp_rowstats[(Z * triton.cdiv(L, bm),)](
         q, k, v, tq_, tk_, tv_, o, do, tdo_, lse, m_ptr,
         o_dot, mu, delta, delta_dot,
@@ -574,7 +614,7 @@ def backward_jvp(
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags,
     )  # fmt: skip
 
-    bm, bn, warps, stages = _config("dq", block_e)
+    bm, bn, warps, stages, _ = _config("dq", block_e)
     _attn_hvp_dq[(Zq * triton.cdiv(L, bm),)](
         q, k, v, tq_, tk_, tv_, do, tdo_, lse, m_ptr,
         mu, delta, delta_dot, dq_dot,
@@ -583,12 +623,13 @@ def backward_jvp(
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags,
     )  # fmt: skip
 
-    bm, bn, warps, stages = _config("dkdv", block_e)
+    bm, bn, warps, stages, key_major = _config("dkdv", block_e)
     _attn_hvp_dkdv[(Zk * triton.cdiv(S, bn),)](
         q, k, v, tq_, tk_, tv_, do, tdo_, lse, m_ptr,
         mu, delta, delta_dot, dk_dot, dv_dot,
         qb, m_off, _group(kb, Zk), Z // Zk,
         stride_mm, stride_mn, L, S, scale,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, KEY_MAJOR=key_major,
+        **flags,
     )  # fmt: skip
     return dq_dot, dk_dot, dv_dot, o_dot
