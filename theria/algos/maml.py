@@ -33,6 +33,7 @@ from theria.algos.common import (
     second_order_context,
     set_loss,
 )
+from theria.attention.api import warn_once
 from theria.tasks.episode import Episode
 
 LR_PREFIX = "inner_lr/"  # Meta-SGD rates live in the params dict as "inner_lr/<param name>"
@@ -142,6 +143,14 @@ class MAML:
             }
             return grads, (detached, aux | {"support_loss_pre": support_loss})
 
+        attn = getattr(getattr(model, "config", None), "attn", "")
+        if self.vmap and not self.first_order and str(attn).startswith("theria"):
+            warn_once(
+                "maml:vmap-memory",
+                "MAML(vmap=True): torch.func differentiates every level with create_graph, so "
+                f"attn={attn!r} runs its third-order path in the meta-gradient (O(L·S) memory, "
+                "like the reference); vmap=False keeps the memory-efficient second-order pass.",
+            )
         task_fn = torch.func.grad(objective, has_aux=True) if self.vmap else autograd_task
         if self.first_order:
             return run_tasks(task_fn, params, tasks, self.vmap)
