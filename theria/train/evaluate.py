@@ -3,7 +3,6 @@ summarize over tasks with a 95% confidence interval."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -11,7 +10,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from theria.algos import IMAML, MAML, Params
+from theria.algos import IMAML, LR_PREFIX, MAML, Params
 from theria.algos.common import set_loss
 from theria.tasks import Episode, TaskSampler
 
@@ -53,17 +52,27 @@ def adapt(
     algo: MAML | IMAML, model: nn.Module, kind: str, params: Params, x: Tensor, y: Tensor,
     steps: int,
 ) -> Params:  # fmt: skip
-    """The task-adapted model parameters after `steps` inner steps of the algorithm's own inner
-    procedure (MAML: gradient descent, with Meta-SGD rates when learned; iMAML: the proximal
-    problem). Nothing is differentiated with respect to `params`."""
-    theta = {k: v.detach() for k, v in params.items()}
-    if steps == 0:
-        return {k: v for k, v in theta.items() if not k.startswith("inner_lr/")}
-    if isinstance(algo, IMAML):
-        return dataclasses.replace(algo, inner_steps=steps).solve_inner(model, kind, theta, x, y)[0]
-    return dataclasses.replace(algo, inner_steps=steps, first_order=True).adapt(
-        model, kind, theta, x, y
-    )[0]
+    """The task-adapted model parameters after `steps` inner steps of the algorithm's inner
+    problem, from θ = `params`: MAML/FO-MAML descend the support loss with step α (the learned
+    Meta-SGD rates when present); iMAML descends its proximal objective
+    L_support(φ) + λ/2‖φ − θ‖² (Rajeswaran et al. 2019, eq. 3). Nothing is differentiated
+    with respect to θ: this is test-time adaptation."""
+    theta = {k: v.detach() for k, v in params.items() if not k.startswith(LR_PREFIX)}
+    lam = algo.lam if isinstance(algo, IMAML) else 0.0
+    rates = {k: params[LR_PREFIX + k].detach() if LR_PREFIX + k in params else algo.inner_lr
+             for k in theta}  # fmt: skip
+
+    def inner_objective(p: Params) -> Tensor:
+        loss = set_loss(model, kind, p, x, y)[0]
+        if lam:
+            loss = loss + 0.5 * lam * sum(((p[k] - theta[k]) ** 2).sum() for k in p)
+        return loss
+
+    phi = theta
+    for _ in range(steps):
+        g = torch.func.grad(inner_objective)(phi)
+        phi = {k: phi[k] - rates[k] * g[k] for k in phi}
+    return phi
 
 
 @torch.no_grad()
@@ -74,7 +83,7 @@ def evaluate_tasks(
     query/support accuracy before/after for classification. (torch.func.grad inside the
     adaptation ignores the outer no_grad, as function transforms do.)"""
     kind = tasks.loss
-    model_params = {k: v.detach() for k, v in params.items() if not k.startswith("inner_lr/")}
+    model_params = {k: v.detach() for k, v in params.items() if not k.startswith(LR_PREFIX)}
     out: dict[str, list[Tensor]] = {}
     for i in range(tasks.n_tasks):
         sx, sy, qx, qy = (t[i] for t in tasks.tensors())
@@ -122,7 +131,7 @@ def adaptation_curve(
     """(T, steps + 1) query losses after 0, 1, ..., `steps` plain gradient steps of size `lr`
     on each task's support loss: the curve of Finn et al. 2017, Figure 2 (left)."""
     kind = tasks.loss
-    theta = {k: v.detach() for k, v in params.items() if not k.startswith("inner_lr/")}
+    theta = {k: v.detach() for k, v in params.items() if not k.startswith(LR_PREFIX)}
     rows = []
     for i in range(tasks.n_tasks):
         sx, sy, qx, qy = (t[i] for t in tasks.tensors())
