@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 import torch
 import triton
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 from theria.attention import blockwise
 from theria.attention.api import warn_once
@@ -224,27 +225,36 @@ def _scale_arg(problem: Problem, dtype: torch.dtype, device: torch.device) -> Te
 _SCALES: dict[tuple, Tensor] = {}
 
 
-def _consts(q: Tensor, v: Tensor, mask_kind: int, problem: Problem, L: int, S: int) -> dict:
-    E, Ev = q.shape[-1], v.shape[-1]
-    f64 = q.dtype == torch.float64
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()  # next power of two (plain Python: cheap per call)
+
+
+@functools.lru_cache(maxsize=256)
+def _consts_cached(E: int, Ev: int, dtype: torch.dtype, mask_kind: int, causal: bool) -> dict:
+    natural = _natural(dtype)
     return dict(
         E=E,
         EV=Ev,
-        BLOCK_D=max(16, triton.next_power_of_2(E)),  # tl.dot needs dims >= 16
-        BLOCK_DV=max(16, triton.next_power_of_2(Ev)),
+        BLOCK_D=max(16, _pow2(E)),  # tl.dot needs dims >= 16
+        BLOCK_DV=max(16, _pow2(Ev)),
         MASK_KIND=mask_kind,
-        IS_CAUSAL=problem.is_causal,
-        F64=f64,
-        NATURAL=_natural(q.dtype),
-        RLN=1.0 if _natural(q.dtype) else K.LOG2E,  # the scores' unit: exp2 or natural exp
+        IS_CAUSAL=causal,
+        F64=dtype == torch.float64,
+        NATURAL=natural,
+        ACCURATE=natural and not INTERPRET,  # libdevice exp/log, IEEE division (CUDA only)
+        RLN=1.0 if natural else K.LOG2E,  # the scores' unit: exp2 or natural exp
         # float32 as IEEE float32 (torch's default matmul precision), not TF32; for 16-bit
         # inputs the option does not apply.
-        PREC="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
+        PREC="ieee" if natural else "tf32",
     )
 
 
+def _consts(q: Tensor, v: Tensor, mask_kind: int, problem: Problem, L: int, S: int) -> dict:
+    return dict(_consts_cached(q.shape[-1], v.shape[-1], q.dtype, mask_kind, problem.is_causal))
+
+
 def _tune_n(L: int, S: int) -> int:
-    return triton.next_power_of_2(max(L, S))  # autotuning bucket
+    return _pow2(max(L, S))  # autotuning bucket
 
 
 def _autotune() -> bool:
@@ -261,12 +271,18 @@ def _launch(tuned: Any, plain: Any, grid_rows: int, zb: int, args: list, consts:
         plain[(triton.cdiv(grid_rows, t), zb)](*args, **consts, BLOCK_M=t, BLOCK_N=t)
         return
     if consts["PREC"] == "ieee" or not _autotune():
-        cfg = K.FMA_CONFIG if consts["PREC"] == "ieee" else tuned.configs[0]
-        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-        grid = (triton.cdiv(grid_rows, bn if by_keys else bm), zb)
-        plain[grid](*args, **consts, **cfg.kwargs, num_warps=cfg.num_warps,
-                    num_stages=cfg.num_stages)  # fmt: skip
-        return
+        # The first config that fits the shared memory (head dim 128 needs smaller tiles).
+        configs = [K.FMA_CONFIG] if consts["PREC"] == "ieee" else tuned.configs
+        for i, cfg in enumerate(configs):
+            bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+            grid = (triton.cdiv(grid_rows, bn if by_keys else bm), zb)
+            try:
+                plain[grid](*args, **consts, **cfg.kwargs, num_warps=cfg.num_warps,
+                            num_stages=cfg.num_stages)  # fmt: skip
+                return
+            except OutOfResources:
+                if i == len(configs) - 1:
+                    raise
 
     def grid_fn(meta: dict) -> tuple[int, int]:
         return (triton.cdiv(grid_rows, meta["BLOCK_N"] if by_keys else meta["BLOCK_M"]), zb)
@@ -275,7 +291,15 @@ def _launch(tuned: Any, plain: Any, grid_rows: int, zb: int, args: list, consts:
 
 
 def _batch_shape(*shapes: Sequence[int]) -> tuple[int, ...]:
-    return tuple(torch.broadcast_shapes(*(tuple(s) for s in shapes)))
+    """Broadcast of batch shapes (already checked by `canonicalize`); plain Python, since
+    torch.broadcast_shapes costs tens of microseconds a call."""
+    n = max(len(s) for s in shapes)
+    out = [1] * n
+    for s in shapes:
+        for i, d in enumerate(s, start=n - len(s)):
+            if d != 1:
+                out[i] = d
+    return tuple(out)
 
 
 def _reduce(g: Tensor, like: Tensor) -> Tensor:

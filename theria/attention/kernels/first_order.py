@@ -30,8 +30,10 @@ Limits and conventions:
   float32 inputs use IEEE float32 dots (PREC="ieee", not TF32) so they match torch's float32
   matmul, and natural exp/log (NATURAL=True): folding log2(e) into the scores would round
   s·log2(e) (an error ∝ |s|, not |s − max|) and round-trip lse through log2, which costs
-  float32 its 2×-of-torch accuracy. float64 (the interpreter's checks) is float64 throughout
-  (F64=True), also NATURAL.
+  float32 its 2×-of-torch accuracy. On CUDA (ACCURATE=True) float32/float64 also take exp, log
+  and 1/l from libdevice / IEEE division rather than the approximate tl.exp (ex2.approx),
+  whose extra ulps the JVP multiplies by |Ṡ|. float64 (the interpreter's checks) is float64
+  throughout (F64=True), also NATURAL.
 - Rows whose every key is masked: O = 0, lse = -inf, zero derivatives, never NaN.
 - RLN is the unit of the scores: log2(e) for exp2 (16-bit), 1 when NATURAL.
 - The scale is read from a small tensor (SCALE[0] = scale·log2(e), or scale when NATURAL;
@@ -43,14 +45,17 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 LOG2E = 1.4426950408889634  # log2(e) = 1/ln 2, so exp(x) = exp2(x·LOG2E)
 LN2 = 0.6931471805599453  # ln 2, so ln(x) = log2(x)·LN2
 
 
 @triton.jit
-def _exp(x, NATURAL: tl.constexpr):
-    if NATURAL:
+def _exp(x, NATURAL: tl.constexpr, ACCURATE: tl.constexpr):
+    if ACCURATE:
+        return libdevice.exp(x)  # correctly rounded to ~1 ulp (tl.exp is ex2.approx)
+    elif NATURAL:
         return tl.exp(x)
     else:
         return tl.exp2(x)
@@ -120,7 +125,8 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr,
     JVP: tl.constexpr, HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
-    F64: tl.constexpr, NATURAL: tl.constexpr, RLN: tl.constexpr, PREC: tl.constexpr,
+    F64: tl.constexpr, NATURAL: tl.constexpr, ACCURATE: tl.constexpr, RLN: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
     ACC = tl.float64 if F64 else tl.float32
     start_m = tl.program_id(0) * BLOCK_M
@@ -166,8 +172,8 @@ def _attn_fwd(
                          RLN, MASK_KIND, IS_CAUSAL, EVEN_N)  # fmt: skip
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
-        p = _exp(s - m_safe[:, None], NATURAL)
-        alpha = _exp(m_i - m_safe, NATURAL)  # rescales what earlier blocks summed
+        p = _exp(s - m_safe[:, None], NATURAL, ACCURATE)
+        alpha = _exp(m_i - m_safe, NATURAL, ACCURATE)  # rescales what earlier blocks summed
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + cols[:, None] * svn + offs_e[None, :] * svd,
                     mask=(cols[:, None] < S) & (offs_e[None, :] < EV), other=0.0)  # fmt: skip
@@ -194,13 +200,20 @@ def _attn_fwd(
         m_i = m_new
 
     empty = l_i == 0.0  # every key of the row masked
-    inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
+    l_1 = tl.where(empty, 1.0, l_i)
+    if ACCURATE:  # noqa: SIM108 (a constexpr branch: only one side is compiled)
+        inv_l = tl.math.div_rn(tl.full([BLOCK_M], 1.0, ACC), l_1)  # IEEE division
+    else:
+        inv_l = 1.0 / l_1
+    inv_l = tl.where(empty, 0.0, inv_l)
     out = acc * inv_l[:, None]
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-    if NATURAL:
-        lse = m_safe + tl.log(tl.where(empty, 1.0, l_i))
+    if ACCURATE:
+        lse = m_safe + libdevice.log(l_1)
+    elif NATURAL:
+        lse = m_safe + tl.log(l_1)
     else:
-        lse = (m_safe + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453  # ·ln 2
+        lse = (m_safe + tl.log2(l_1)) * 0.6931471805599453  # ·ln 2
     lse = tl.where(empty, float("-inf"), lse)
     row_base = pid_b.to(tl.int64) * L
     o_ptrs = (row_base + offs_m[:, None]) * EV + offs_e[None, :]
@@ -234,7 +247,8 @@ def _attn_fwd_jvp(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr,
     HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
-    F64: tl.constexpr, NATURAL: tl.constexpr, RLN: tl.constexpr, PREC: tl.constexpr,
+    F64: tl.constexpr, NATURAL: tl.constexpr, ACCURATE: tl.constexpr, RLN: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
     """Ȯ = (P∘Ṡ)V − μ∘O + P V̇ and μ = rowsum(P∘Ṡ), with P = exp(S − lse) from the saved lse."""
     ACC = tl.float64 if F64 else tl.float32
@@ -277,7 +291,7 @@ def _attn_fwd_jvp(
         s = tl.dot(q, kT, input_precision=PREC, out_dtype=ACC) * qk_scale  # (BM, D) @ (D, BN)
         s = _mask_scores(s, offs_m[:, None], cols[None, :], MASK, smm, smn, L, S,
                          RLN, MASK_KIND, IS_CAUSAL, EVEN_N)  # fmt: skip
-        p = _exp(s - lse[:, None], NATURAL)
+        p = _exp(s - lse[:, None], NATURAL, ACCURATE)
         if HAS_TQ or HAS_TK:
             v = tl.load(V + cols[:, None] * svn + offs_e[None, :] * svd,
                         mask=(cols[:, None] < S) & (offs_e[None, :] < EV), other=0.0)  # fmt: skip
@@ -340,7 +354,8 @@ def _attn_bwd_dkdv(
     E: tl.constexpr, EV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_M: tl.constexpr,
-    F64: tl.constexpr, NATURAL: tl.constexpr, RLN: tl.constexpr, PREC: tl.constexpr,
+    F64: tl.constexpr, NATURAL: tl.constexpr, ACCURATE: tl.constexpr, RLN: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
     """One key block per program, looping over query blocks; works on transposed tiles
     (keys × queries) so that Pᵀ and dSᵀ come out without a transpose."""
@@ -378,7 +393,7 @@ def _attn_bwd_dkdv(
         sT = tl.dot(k, qT, input_precision=PREC, out_dtype=ACC) * qk_scale  # (BN, D) @ (D, BM)
         sT = _mask_scores(sT, rows[None, :], offs_n[:, None], MASK, smm, smn, L, S,
                           RLN, MASK_KIND, IS_CAUSAL, True)  # fmt: skip
-        pT = _exp(sT - lse[None, :], NATURAL)
+        pT = _exp(sT - lse[None, :], NATURAL, ACCURATE)
         if not EVEN_M:
             pT = tl.where(row_ok, pT, 0.0)  # rows past L
         do = tl.load(DO + rows[:, None] * sdom + offs_e[None, :] * sdod,
@@ -409,7 +424,8 @@ def _attn_bwd_dq(
     E: tl.constexpr, EV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr,
-    F64: tl.constexpr, NATURAL: tl.constexpr, RLN: tl.constexpr, PREC: tl.constexpr,
+    F64: tl.constexpr, NATURAL: tl.constexpr, ACCURATE: tl.constexpr, RLN: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
     """One query block per program, looping over key blocks: dQ = scale·Σ_blocks dS K."""
     ACC = tl.float64 if F64 else tl.float32
@@ -446,7 +462,7 @@ def _attn_bwd_dq(
         s = tl.dot(q, kT, input_precision=PREC, out_dtype=ACC) * qk_scale  # (BM, D) @ (D, BN)
         s = _mask_scores(s, offs_m[:, None], cols[None, :], MASK, smm, smn, L, S,
                          RLN, MASK_KIND, IS_CAUSAL, EVEN_N)  # fmt: skip
-        p = _exp(s - lse[:, None], NATURAL)
+        p = _exp(s - lse[:, None], NATURAL, ACCURATE)
         dp = tl.dot(do, vT, input_precision=PREC, out_dtype=ACC)  # (BM, Dv) @ (Dv, BN)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PREC)  # (BM, BN) @ (BN, D)
@@ -465,17 +481,24 @@ def _configs(pairs: list[tuple[int, int, int, int]]) -> list[triton.Config]:
 # Autotuned launchers for CUDA (the interpreter launches the plain kernels with small fixed
 # tiles). Tuned per (sequence-length bucket, head dims, flags); a config that does not fit the
 # shared memory is skipped by the autotuner. EVEN_* depend on the tile, hence the heuristics.
-_TUNE_KEY = ["TUNE_N", "E", "EV", "MASK_KIND", "IS_CAUSAL", "F64", "NATURAL", "PREC"]
+_TUNE_KEY = ["TUNE_N", "E", "EV", "MASK_KIND", "IS_CAUSAL", "F64", "NATURAL", "ACCURATE"]
 _even_n = {"EVEN_N": lambda a: a["S"] % a["BLOCK_N"] == 0}
 _even_m = {"EVEN_M": lambda a: a["L"] % a["BLOCK_M"] == 0}
 
 # Candidate tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) for 16-bit inputs on Hopper; the
 # first of each list is the default when autotuning is off. float32 (IEEE dots, no tensor
 # cores) uses the small FMA tile below: its large tiles take minutes to compile.
-FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)])
-JVP_CONFIGS = _configs([(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3)])
-DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3)])
-DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)])
+FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)])
+# Three accumulators (O, (P∘Ṡ)V, PV̇): at head dim 128 smaller row tiles or more warps.
+JVP_CONFIGS = _configs([
+    (64, 64, 4, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 8, 2), (64, 32, 4, 2),
+])  # fmt: skip
+DKDV_CONFIGS = _configs([
+    (32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2), (64, 64, 8, 2),
+])  # fmt: skip
+DQ_CONFIGS = _configs([
+    (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (64, 64, 8, 2),
+])  # fmt: skip
 FMA_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)
 
 attn_fwd_tuned = triton.autotune(
