@@ -45,7 +45,11 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
+
+try:  # the backend-neutral libdevice (Triton >= 3.0); older layouts kept it per backend
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover
+    from triton.language.extra.cuda import libdevice
 
 LOG2E = 1.4426950408889634  # log2(e) = 1/ln 2, so exp(x) = exp2(x·LOG2E)
 LN2 = 0.6931471805599453  # ln 2, so ln(x) = log2(x)·LN2
