@@ -279,3 +279,29 @@ def test_sdpa_hvp_larger(triton_impl, causal: bool) -> None:
             err, err_peer = (g.double() - w).abs().max(), (p.double() - w).abs().max()
             # 2× the float32 reference's error plus a float32-ulp floor at the result's scale.
             assert err <= 2 * err_peer + 1e-5 * w.abs().max()
+
+
+def test_tile_shrinks_when_shared_memory_overflows(so, monkeypatch) -> None:
+    """A configuration that does not fit is shrunk at launch, announced once, and remembered."""
+    from triton.runtime.errors import OutOfResources
+
+    launched = []
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            def run(*args, BLOCK_M, BLOCK_N, num_warps, num_stages, **kw):
+                if BLOCK_M * BLOCK_N * num_stages > 32 * 32 * 2:
+                    raise OutOfResources(1 << 18, 1 << 17, "shared memory")
+                launched.append((grid, BLOCK_M, BLOCK_N, num_stages))
+
+            return run
+
+    monkeypatch.setattr(so, "INTERPRET", False)
+    monkeypatch.setitem(so.CONFIGS, "dq", {64: (128, 64, 8, 3, False)})
+    monkeypatch.setattr(so, "_fitted", {})
+    with pytest.warns(RuntimeWarning, match="does not fit in shared memory"):
+        so._launch(FakeKernel(), "dq", 32, 4, 100, 3, [], {})  # float32, E=32: key 64
+    # (128, 64, 3) -> stages 2 -> BLOCK_M 64 -> 32 -> BLOCK_N 32: the first that fits
+    assert launched == [((3 * 4,), 32, 32, 2)]
+    assert so._fitted[("dq", 64)] == (32, 32, 8, 2, False)
+    assert so._shrink((16, 16, 4, 1, False)) is None

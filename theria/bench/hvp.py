@@ -73,9 +73,15 @@ def _loss(attn: Callable, **kw) -> Callable:
 
 
 def _flash_fwd_bwd(q, k, v, do):
+    """PyTorch's fused first-order forward + backward: flash for 16-bit inputs; flash has no
+    float32 kernel, so float32 gets the memory-efficient one (the row says which)."""
+    backend = (
+        SDPBackend.FLASH_ATTENTION if q.element_size() == 2 else SDPBackend.EFFICIENT_ATTENTION
+    )
+
     def run():
         qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        with sdpa_kernel(backend):
             out = F.scaled_dot_product_attention(qq, kk, vv)
         torch.autograd.grad(out, (qq, kk, vv), do)
 
@@ -223,16 +229,21 @@ def sweep(device: torch.device, dims: list[int], N: int = 4096) -> str:
             best = None
             for cfg in configs:
                 so.CONFIGS[kernel][key] = cfg
+                so._fitted.clear()
                 try:
                     m = measure(lambda a=args: so.backward_jvp(*a), device, repeats=10, warmup=2)
                 except Exception as e:  # a configuration that does not compile is a result
                     rows.append([D, kernel, str(cfg), f"fails: {type(e).__name__}"])
+                    continue
+                if (kernel, key) in so._fitted:  # shrunk at launch: not this configuration
+                    rows.append([D, kernel, str(cfg), "does not fit in shared memory"])
                     continue
                 rows.append([D, kernel, str(cfg), m.get("ms", "OOM")])
                 if "ms" in m and (best is None or m["ms"] < best[0]):
                     best = (m["ms"], cfg)
                 print(rows[-1], flush=True)
             so.CONFIGS[kernel][key] = best[1] if best else saved
+            so._fitted.clear()
             print(f"D={D} {kernel}: best {so.CONFIGS[kernel][key]}", flush=True)
     return markdown_table(
         ["D", "kernel", "(BLOCK_M, BLOCK_N, warps, stages)", "backward_jvp ms"], rows
@@ -337,10 +348,15 @@ def main(argv: list[str] | None = None) -> None:
                     torch.randn(shape, generator=g, device=device, dtype=dt) for _ in range(3)
                 )
                 reps = args.repeats if N <= 8192 else 3
-                m = measure(_flash_fwd_bwd(q, k, v, torch.randn_like(q)), device, repeats=reps)
+                fused = "SDPA flash" if dt.itemsize == 2 else "SDPA efficient"
+                try:
+                    m = measure(_flash_fwd_bwd(q, k, v, torch.randn_like(q)), device, repeats=reps)
+                except RuntimeError as e:  # no fused kernel for this case: recorded
+                    m = {"fails": str(e)[:60]}
                 fl = flops(MATMULS["fwd+bwd"], B, H, N, D)
                 summary[(D, dname, N, "flash")] = m
-                rows.append([D, dname, N, "fwd+bwd", "SDPA flash (first order)", *_cells(m, fl)])
+                cells = [f"fails: {m['fails']}", "", "", ""] if "fails" in m else _cells(m, fl)
+                rows.append([D, dname, N, "fwd+bwd", f"{fused} (first order)", *cells])
                 for mode in args.modes:
                     fl = flops(MATMULS[mode], B, H, N, D)
                     for name in args.paths:

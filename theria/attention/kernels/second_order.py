@@ -44,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 from theria.attention.contract import Problem
 
@@ -51,27 +52,73 @@ MAX_HEAD_DIM = 256
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the kernels are built
 
-# Tile shapes per kernel, keyed by the padded head dim:
+# Tile shapes per kernel, keyed by the bytes of one padded head row in units of 2 (so a bf16
+# head dim of 64 and a float32 head dim of 32 share an entry: shared memory scales with bytes):
 #     (BLOCK_M, BLOCK_N, num_warps, num_stages, key-major tiles: dkdv only)
-# GPU values from the sweep of `python -m theria.bench hvp --sweep` on an H100 (bf16, N=4096,
-# experiments/results/triton_hvp_h100.md). The interpreter uses the smallest tiles tl.dot takes
-# (16), with BLOCK_M != BLOCK_N so that a mixed-up tile axis cannot pass the CPU tests.
+# 64 and 128: the fastest of `python -m theria.bench hvp --sweep` on an H100 (bf16, N=4096,
+# experiments/results/triton_hvp_h100.md); 256 untested. A configuration that does not fit in
+# shared memory is shrunk at launch (`_launch`, announced once).
 Config = tuple[int, int, int, int, bool]
 CONFIGS: dict[str, dict[int, Config]] = {
-    "rowstats": {64: (64, 64, 4, 3, False), 128: (64, 64, 4, 3, False), 256: (32, 32, 4, 2, False)},
-    "dq": {64: (128, 64, 8, 3, False), 128: (64, 64, 4, 3, False), 256: (32, 32, 4, 2, False)},
-    "dkdv": {64: (32, 64, 4, 3, False), 128: (32, 64, 4, 3, False), 256: (16, 32, 4, 2, False)},
+    "rowstats": {64: (64, 32, 4, 3, False), 128: (64, 64, 4, 3, False), 256: (32, 32, 4, 2, False)},
+    "dq": {64: (128, 64, 8, 3, False), 128: (64, 32, 4, 3, False), 256: (32, 32, 4, 2, False)},
+    "dkdv": {64: (64, 128, 8, 3, True), 128: (32, 64, 4, 3, False), 256: (16, 32, 4, 2, False)},
 }
+# The interpreter: the smallest tiles tl.dot takes (16), with BLOCK_M != BLOCK_N so that a
+# mixed-up tile axis cannot pass the CPU tests.
 INTERPRET_CONFIG: Config = (16, 32, 1, 1, True)
+_fitted: dict[tuple[str, int], Config] = {}  # configurations shrunk to fit, per (kernel, key)
 
 
-def _config(kernel: str, block_e: int) -> Config:
+def _config(kernel: str, block_e: int, itemsize: int) -> tuple[int, Config]:
+    """(table key, configuration) for a kernel, padded head dim and element size."""
     if INTERPRET:
         bm, bn, w, st, key_major = INTERPRET_CONFIG
-        return bm, bn, w, st, key_major and kernel == "dkdv"
+        return 0, (bm, bn, w, st, key_major and kernel == "dkdv")
     table = CONFIGS[kernel]
-    return table[min(d for d in table if d >= block_e)]
+    width = block_e * itemsize // 2
+    key = min((d for d in table if d >= width), default=max(table))
+    return key, _fitted.get((kernel, key), table[key])
 
+
+def _shrink(cfg: Config) -> Config | None:
+    """A smaller configuration: fewer pipeline stages, then the larger tile halved."""
+    bm, bn, w, st, key_major = cfg
+    if st > 2:
+        return bm, bn, w, 2, key_major
+    if max(bm, bn) > 16:
+        return (bm // 2, bn, w, st, key_major) if bm >= bn else (bm, bn // 2, w, st, key_major)
+    if st > 1:
+        return bm, bn, w, 1, key_major
+    return None
+
+
+def _launch(kernel, name: str, block_e: int, itemsize: int, rows: int, z: int, args, flags):
+    """Launch one kernel over z·cdiv(rows, tile) programs (tile = BLOCK_N for dkdv, else
+    BLOCK_M); on a shared-memory overflow retry with `_shrink`, announced once."""
+    key, cfg = _config(name, block_e, itemsize)
+    while True:
+        bm, bn, warps, stages, key_major = cfg
+        extra = {"KEY_MAJOR": key_major} if name == "dkdv" else {}
+        grid = (z * triton.cdiv(rows, bn if name == "dkdv" else bm),)
+        try:
+            kernel[grid](
+                *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **extra, **flags
+            )
+            return
+        except OutOfResources:
+            smaller = _shrink(cfg)
+            if smaller is None:
+                raise
+            from theria.attention.api import warn_once
+
+            warn_once(
+                f"triton-hvp-shrink:{name}:{key}",
+                f"theria second-order kernel {name}: tile configuration {cfg} does not fit in "
+                f"shared memory for this head dim and dtype; using {smaller} (slower). Set "
+                "kernels.second_order.CONFIGS for this GPU.",
+            )
+            cfg = _fitted[(name, key)] = smaller
 
 
 # ----------------------------------------------------------------------------------------------
@@ -605,31 +652,23 @@ def backward_jvp(
     # The scale as a one-element tensor: a Python float would reach the kernel as float32.
     scale = torch.tensor([problem.scale], device=device, dtype=acc_t)
 
-    bm, bn, warps, stages, _ = _config("rowstats", block_e)
-    _attn_hvp_rowstats[(Z * triton.cdiv(L, bm),)](
+    size = q.element_size()
+    _launch(_attn_hvp_rowstats, "rowstats", block_e, size, L, Z, [
         q, k, v, tq_, tk_, tv_, o, do, tdo_, lse, m_ptr,
         o_dot, mu, delta, delta_dot,
         qb, kb, m_off,
         stride_mm, stride_mn, L, S, scale,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags,
-    )  # fmt: skip
-
-    bm, bn, warps, stages, _ = _config("dq", block_e)
-    _attn_hvp_dq[(Zq * triton.cdiv(L, bm),)](
+    ], flags)  # fmt: skip
+    _launch(_attn_hvp_dq, "dq", block_e, size, L, Zq, [
         q, k, v, tq_, tk_, tv_, do, tdo_, lse, m_ptr,
         mu, delta, delta_dot, dq_dot,
         kb, m_off, _group(qb, Zq), Z // Zq,
         stride_mm, stride_mn, L, S, scale,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags,
-    )  # fmt: skip
-
-    bm, bn, warps, stages, key_major = _config("dkdv", block_e)
-    _attn_hvp_dkdv[(Zk * triton.cdiv(S, bn),)](
+    ], flags)  # fmt: skip
+    _launch(_attn_hvp_dkdv, "dkdv", block_e, size, S, Zk, [
         q, k, v, tq_, tk_, tv_, do, tdo_, lse, m_ptr,
         mu, delta, delta_dot, dk_dot, dv_dot,
         qb, m_off, _group(kb, Zk), Z // Zk,
         stride_mm, stride_mn, L, S, scale,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, KEY_MAJOR=key_major,
-        **flags,
-    )  # fmt: skip
+    ], flags)  # fmt: skip
     return dq_dot, dk_dot, dv_dot, o_dot
