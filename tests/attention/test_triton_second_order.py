@@ -108,6 +108,19 @@ def test_partial_tangents_float64(so, case: Case, tangents: str) -> None:
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("tangents", ["all", "v", "q"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[9]], ids=str)
+def test_given_tangent_stats(so, case: Case, tangents: str) -> None:
+    """With Ȯ and μ given (forward-over-reverse has them), pass 1 is row sums only."""
+    c = _canonical(case, torch.float64)
+    got, args = _run(so, c, TANGENTS[tangents])
+    q, k, v, mask, problem, out, lse, _do, tq, tk, tv, _tdo = args
+    o_dot, mu = blockwise.forward_jvp(q, k, v, mask, problem, out, lse, tq, tk, tv)
+    again = so.backward_jvp(*args, o_dot=o_dot, mu=mu)
+    for g, a in zip(got, again, strict=True):
+        torch.testing.assert_close(a, g, rtol=1e-10, atol=1e-12)
+
+
 def test_no_tangent_is_zero(so) -> None:
     c = _canonical(CASES[0], torch.float64)
     got, _ = _run(so, c, "")
@@ -228,7 +241,7 @@ def test_gradgradcheck(triton_impl, case: Case) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[5]], ids=str)
 def test_gradgradcheck_full(triton_impl, case: Case) -> None:
     args, kw = _inputs(case)
     fn = functools.partial(theria.sdpa, backend="triton", **kw)

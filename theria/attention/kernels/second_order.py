@@ -49,6 +49,8 @@ from triton.runtime.errors import OutOfResources
 from theria.attention.contract import Problem
 
 MAX_HEAD_DIM = 256
+# `backward_jvp` takes the tangents of out and lse (o_dot, mu) when the caller has them.
+REUSES_TANGENT_STATS = True
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the kernels are built
 
@@ -589,6 +591,8 @@ def backward_jvp(
     tk: Tensor | None,
     tv: Tensor | None,
     tdo: Tensor | None,
+    o_dot: Tensor | None = None,
+    mu: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The JVP of the attention backward along (Q̇, K̇, V̇, dȮ); returns (dQ̇, dK̇, dV̇, Ȯ).
 
@@ -596,6 +600,9 @@ def backward_jvp(
         q (*Bq, L, E), k (*Bk, S, E), v (*Bk, S, Ev), *Bq and *Bk broadcasting to *B;
         mask None or bool/float broadcastable to (*B, L, S); out, do (*B, L, Ev); lse (*B, L);
         tangents None (= zero) or shaped like their primal.
+        o_dot (*B, L, Ev), mu (*B, L): optional, the tangents of out and lse along (Q̇, K̇, V̇)
+        when the caller has them (forward-over-reverse does): then the first pass only forms
+        δ and δ̇ (no matmul); mu may be None when Q̇ = K̇ = 0.
     Returns dQ̇ like q, dK̇ like k, dV̇ like v, Ȯ like out (never None).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -626,8 +633,21 @@ def backward_jvp(
     Zq, Zk = math.prod(q.shape[:-2]), math.prod(k.shape[:-2])
     m_ptr, m_off, stride_mm, stride_mn, mask_kind = _mask_args(mask, batch, L, S, q)
 
-    o_dot = torch.empty((*batch, L, Ev), device=device, dtype=out.dtype)
-    mu, delta, delta_dot = (torch.empty((Z, L), device=device, dtype=acc_t) for _ in range(3))
+    has_sd = tq is not None or tk is not None
+    given = o_dot is not None and (mu is not None or not has_sd)
+    if given:
+        # Pass 1 from the given tangents of out and lse: row sums only (docs/MATH.md §5.5).
+        o_dot = _check("o_dot", o_dot, (*batch, L, Ev), q)
+        o32, do32, od32 = (x.to(acc_t).reshape(Z, L, Ev) for x in (o, do, o_dot))
+        delta = (do32 * o32).sum(-1)  # (Z, L)
+        delta_dot = (do32 * od32).sum(-1)
+        if tdo is not None:
+            delta_dot = delta_dot + (tdo.to(acc_t).reshape(Z, L, Ev) * o32).sum(-1)
+        # mu None (Ṡ = 0) is never read: HAS_TQ = HAS_TK = False; delta holds its place.
+        mu = delta if mu is None else mu.expand(*batch, L).to(acc_t).reshape(Z, L).contiguous()
+    else:
+        o_dot = torch.empty((*batch, L, Ev), device=device, dtype=out.dtype)
+        mu, delta, delta_dot = (torch.empty((Z, L), device=device, dtype=acc_t) for _ in range(3))
     dq_dot = torch.empty_like(q)
     dk_dot = torch.empty_like(k)
     dv_dot = torch.empty_like(v)
@@ -653,12 +673,13 @@ def backward_jvp(
     scale = torch.tensor([problem.scale], device=device, dtype=acc_t)
 
     size = q.element_size()
-    _launch(_attn_hvp_rowstats, "rowstats", block_e, size, L, Z, [
-        q, k, v, tq_, tk_, tv_, o, do, tdo_, lse, m_ptr,
-        o_dot, mu, delta, delta_dot,
-        qb, kb, m_off,
-        stride_mm, stride_mn, L, S, scale,
-    ], flags)  # fmt: skip
+    if not given:
+        _launch(_attn_hvp_rowstats, "rowstats", block_e, size, L, Z, [
+            q, k, v, tq_, tk_, tv_, o, do, tdo_, lse, m_ptr,
+            o_dot, mu, delta, delta_dot,
+            qb, kb, m_off,
+            stride_mm, stride_mn, L, S, scale,
+        ], flags)  # fmt: skip
     _launch(_attn_hvp_dq, "dq", block_e, size, L, Zq, [
         q, k, v, tq_, tk_, tv_, do, tdo_, lse, m_ptr,
         mu, delta, delta_dot, dq_dot,
