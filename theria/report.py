@@ -34,10 +34,14 @@ def load_runs(root: Path) -> list[dict[str, Any]]:
     return runs
 
 
-def setting_of(run: dict[str, Any]) -> str:
+def setting_of(run: dict[str, Any], common: frozenset[str] = frozenset()) -> str:
     """The jobs of one setting share this label: their overrides without seed= (and without
-    launcher/logging keys); runs without overrides are labelled by algo/attn/task."""
-    keep = [o for o in run.get("overrides", []) if not o.lstrip("+~").startswith(IGNORED_OVERRIDES)]
+    launcher/logging keys and the overrides in `common`, those every run of the sweep has);
+    runs without such overrides are labelled by algo/attn/task."""
+    keep = [
+        o for o in run.get("overrides", [])
+        if not o.lstrip("+~").startswith(IGNORED_OVERRIDES) and o not in common
+    ]  # fmt: skip
     if keep:
         return " ".join(sorted(keep))
     c = run["config"]
@@ -48,8 +52,9 @@ def summarize(runs: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
     """One row per setting: n_seeds, mean ± ci95 of `metric` (post-adaptation meta-test), the
     same for accuracy when present, the pre-adaptation loss, step time, and the mean curve."""
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    common = frozenset.intersection(*(frozenset(r.get("overrides", [])) for r in runs))
     for run in runs:
-        groups[setting_of(run)].append(run)
+        groups[setting_of(run, common)].append(run)
     rows = []
     for label, members in groups.items():
         row: dict[str, Any] = {"setting": label, "n_seeds": len(members)}
@@ -143,6 +148,9 @@ def report(root: Path, metric: str = "query_loss_post", out: Path | None = None)
     out.mkdir(parents=True, exist_ok=True)
     rows = summarize(runs, metric)
     title = f"{runs[0]['name']}: {len(runs)} runs, {runs[0]['steps']} meta-training steps"
+    common = sorted(frozenset.intersection(*(frozenset(r.get("overrides", [])) for r in runs)))
+    if common:
+        title += f" ({' '.join(common)})"
     md = out / "report.md"
     md.write_text(to_markdown(rows, metric, title))
     plot(rows, metric, out / "report.png", title)
