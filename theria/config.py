@@ -104,6 +104,17 @@ class LoggerConfig:
 
 
 @dataclass
+class DistConfig:
+    """conf/dist/: data parallelism over processes (theria.distributed). `ddp` takes effect
+    when the job is started by torchrun (or by submitit with several tasks); see
+    docs/DISTRIBUTED.md. meta_batch is the total over ranks."""
+
+    name: str = MISSING  # none | ddp
+    backend: str = "auto"  # ddp: auto (NCCL on CUDA, gloo on the CPU) | nccl | gloo
+    timeout_s: float = 1800.0  # ddp: longest wait for the other ranks (incl. rank 0's evals)
+
+
+@dataclass
 class TrainConfig:
     """The whole experiment. Top-level values live in conf/config.yaml."""
 
@@ -126,6 +137,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 def register_configs() -> None:

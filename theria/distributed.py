@@ -110,7 +110,7 @@ def launch_env(environ: dict[str, str] | None = None) -> dict[str, int | str] | 
             "master_addr": env["MASTER_ADDR"],
             "master_port": int(env["MASTER_PORT"]),
         }
-    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SUBMITIT_EXECUTOR" in env:
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and env.get("SUBMITIT_EXECUTOR") == "slurm":
         # A job of hydra-submitit-launcher with tasks_per_node > 1: one task per GPU, each
         # running the Hydra job; submitit maps SLURM_PROCID/NTASKS/LOCALID/nodelist to
         # rank/world/local rank/master host and derives the port from the job id.

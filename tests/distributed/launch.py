@@ -8,6 +8,8 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,43 +26,50 @@ def free_port() -> int:
 class Rank:
     rank: int
     proc: subprocess.Popen
-    out: str = ""
-    err: str = ""
+    logs: Path  # this rank's stdout and stderr go to files (pipes could fill and block it)
 
     @property
     def returncode(self) -> int | None:
         return self.proc.returncode
 
+    @property
+    def out(self) -> str:
+        return (self.logs / f"rank{self.rank}.out").read_text()
+
+    @property
+    def err(self) -> str:
+        return (self.logs / f"rank{self.rank}.err").read_text()
+
 
 def start(args: list[str], world: int, env: dict[str, str] | None = None) -> list[Rank]:
     """`python <args>` once per rank, with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT."""
     port = str(free_port())
+    logs = Path(tempfile.mkdtemp(prefix="theria-ranks-"))
     ranks = []
     for r in range(world):
         e = os.environ | (env or {}) | {"RANK": str(r), "WORLD_SIZE": str(world),
              "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
              "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # fmt: skip
-        p = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=e, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-        ranks.append(Rank(r, p))
+        with open(logs / f"rank{r}.out", "w") as out, open(logs / f"rank{r}.err", "w") as err:
+            p = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=e, stdout=out,
+                                 stderr=err)  # fmt: skip
+        ranks.append(Rank(r, p, logs))
     return ranks
 
 
 def wait(ranks: list[Rank], timeout_s: float) -> list[Rank]:
     """Waits for every rank; a rank still running after `timeout_s` (from now, in total) is
     killed and the call raises AssertionError: the job hung."""
-    import time
-
     deadline = time.monotonic() + timeout_s
     hung = []
     for r in ranks:
         try:
-            r.out, r.err = r.proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
+            r.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             hung.append(r)
     for r in hung:
         r.proc.kill()
-        r.out, r.err = r.proc.communicate()
+        r.proc.wait()
     if hung:
         logs = "\n".join(f"--- rank {r.rank} stderr:\n{r.err[-3000:]}" for r in ranks)
         raise AssertionError(f"ranks {[r.rank for r in hung]} still running after "

@@ -1,9 +1,9 @@
 """One rank of the tests' multi-process jobs: `python -m tests.distributed.worker MODE OUT`
 with torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) set.
 
-MODE: "equal" runs every scenario and saves this rank's meta-gradients and parameters to
-OUT/rank<r>.pt; "equal-slow" the slow ones; "raise" makes rank 1 raise at its second step;
-"hang" makes rank 1 sleep forever at its second step (the others must time out).
+MODE: "equal" runs the default tier's scenarios and saves this rank's meta-gradients and
+parameters to OUT/rank<r>.pt; "equal-slow" the slow tier's; "raise" makes rank 1 raise at its
+second step; "hang" makes rank 1 sleep forever at its second step (the others must time out).
 """
 
 from __future__ import annotations

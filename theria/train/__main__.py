@@ -8,6 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from theria.config import register_configs
+from theria.distributed import print0
 from theria.train import CONF_DIR
 from theria.train.build import ConfigError
 from theria.train.loop import NonFiniteLossError, train
@@ -23,7 +24,7 @@ def main(cfg: DictConfig) -> float:
         print(f"[theria.train] error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     test = results["test"]["query_loss_post"]
-    print(
+    print0(  # every rank of a dist=ddp job returns the results; rank 0 reports them
         f"[theria.train] meta-test query loss {test['mean']:.4g} ± {test['ci95']:.2g} "
         f"(95% CI, {test['n']} tasks)\n"
         f"  results:     {results['run_dir']}/results.json\n"

@@ -51,6 +51,10 @@ def check_config(cfg: DictConfig) -> DictConfig:
     _choice("optim.schedule", typed.optim.schedule, SCHEDULES)
     _choice("dtype", typed.dtype, tuple(DTYPES))
     _choice("algo.hvp", typed.algo.hvp, ("rev_rev", "fwd_rev"))
+    _choice("dist.name", typed.dist.name, ("none", "ddp"))
+    _choice("dist.backend", typed.dist.backend, ("auto", "nccl", "gloo"))
+    if not typed.dist.timeout_s > 0:
+        raise ConfigError(f"dist.timeout_s must be > 0; got {typed.dist.timeout_s}")
     for key in ("steps", "meta_batch", "val_tasks", "test_tasks", "logger.log_every"):
         if OmegaConf.select(typed, key) < 1:
             raise ConfigError(f"{key} must be >= 1; got {OmegaConf.select(typed, key)}")

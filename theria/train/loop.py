@@ -1,11 +1,13 @@
 """The meta-training loop behind `python -m theria.train`: `train(cfg)` is a plain function.
 
 One meta-step: sample `meta_batch` training tasks, let the algorithm return (meta-loss,
-meta-gradient, metrics), pass the meta-gradient through `reduce_grads` (identity here; a
-data-parallel run makes it an all-reduce mean over ranks, each rank drawing its own tasks from
-`task_generator(seed, rank)`), refuse non-finite values, clip, step the optimizer and the
-schedule. Around it: scalars to TensorBoard, HVP sanity checks (theria.sanity), meta-validation,
-atomic checkpoints, and at the end a meta-test evaluation written to results.json.
+meta-gradient, metrics), average it over ranks (`theria.distributed.reduce_result`: the
+identity for one process; under torchrun with dist=ddp an all-reduce, each rank drawing
+meta_batch / world_size tasks from `task_generator(seed, rank)`), refuse non-finite values,
+clip, step the optimizer and the schedule. Around it: scalars to TensorBoard, HVP sanity
+checks (theria.sanity), meta-validation, atomic checkpoints, and at the end a meta-test
+evaluation written to results.json; under dist=ddp rank 0 alone logs, checkpoints and
+evaluates.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from theria import distributed as D
 from theria.algos import IMAML, LR_PREFIX, MAML, Params
 from theria.algos.common import set_loss
 from theria.attention.api import warn_once
+from theria.distributed import task_generator
 from theria.tasks import Episode, TaskSampler
 from theria.train.build import (
     DTYPES,
@@ -58,18 +62,14 @@ VAL_SEED, TEST_SEED = 1_000_003, 2_000_003
 # Keys that may change when a run is resumed; any other difference is refused (the run
 # would not be the continuation of the checkpointed one).
 RESUMABLE_CHANGES = ("resume", "name", "device", "threads", "steps", "eval_every", "val_tasks",
-                     "test_tasks", "sanity_every", "checkpoint_every", "logger.")  # fmt: skip
+                     "test_tasks", "sanity_every", "checkpoint_every", "logger.",
+                     "dist.timeout_s")  # fmt: skip
 
 ReduceGrads = Callable[[Params], Params]
 
 
 class NonFiniteLossError(RuntimeError):
     """The meta-loss or meta-gradient became NaN/inf; the run stopped before applying it."""
-
-
-def task_generator(seed: int, rank: int = 0) -> torch.Generator:
-    """The generator of the training-task stream of process `rank` (distinct streams per rank)."""
-    return torch.Generator().manual_seed(seed * 1_000_033 + 7919 * rank + 1)
 
 
 def _run_dir(cfg: DictConfig, run_dir: str | Path | None) -> Path:
@@ -135,9 +135,9 @@ def _nonfinite(loss: Tensor, grads: Params) -> str | None:
 class _Scalars:
     """TensorBoard writer (imported only when enabled) and the console bar."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, start: int) -> None:
+    def __init__(self, cfg: DictConfig, run_dir: Path, start: int, enabled: bool = True) -> None:
         self.writer = None
-        if cfg.logger.tensorboard:
+        if cfg.logger.tensorboard and enabled:
             from torch.utils.tensorboard import SummaryWriter  # heavy: only when logging
 
             # purge_step: TensorBoard hides events at steps > `start` left in this folder by
@@ -146,7 +146,7 @@ class _Scalars:
                 str(run_dir / TB_DIR), purge_step=start + 1 if start else None
             )
         self.bar = None
-        if cfg.logger.progress:
+        if cfg.logger.progress and enabled:
             from tqdm import tqdm
 
             self.bar = tqdm(total=cfg.steps, initial=start, desc=cfg.name, dynamic_ncols=True,
@@ -194,13 +194,29 @@ def train(
 
     Raises ConfigError (bad values, naming the key) before any work, and NonFiniteLossError
     (naming the step; the last checkpoint is kept) when the meta-loss or meta-gradient
-    stops being finite."""
+    stops being finite.
+
+    dist=ddp under torchrun: every rank calls this; rank 0's run directory is used by all,
+    only rank 0 writes to it, and every rank returns rank 0's results. `reduce_grads`, when
+    given, replaces the default reduction (theria.distributed.reduce_result) of the
+    meta-gradient."""
     cfg = check_config(cfg)
-    run = _run_dir(cfg, run_dir)
-    reduce_grads = reduce_grads or (lambda g: g)
+    ctx = D.DistContext()
+    if cfg.dist.name == "ddp":
+        ctx = D.setup(cfg.dist.backend, cfg.dist.timeout_s, cfg.device)
+        if not ctx.distributed:
+            warn_once("train:ddp-one-process", "theria.train: dist=ddp in a single process "
+                      "(not started by torchrun or submitit with several tasks): no data "
+                      "parallelism; see docs/DISTRIBUTED.md")  # fmt: skip
+    try:
+        n_local = D.local_batch(cfg.meta_batch, ctx)  # tasks this rank draws per meta-step
+    except ValueError as e:
+        raise ConfigError(f"dist=ddp: {e}") from e
+    run = Path(D.broadcast_object(str(_run_dir(cfg, run_dir)) if ctx.is_main else "", ctx))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device, dtype = resolve_device(cfg.device), DTYPES[cfg.dtype]
+    device = ctx.device if ctx.distributed else resolve_device(cfg.device)
+    dtype = DTYPES[cfg.dtype]
     sampler: TaskSampler = build_sampler(cfg)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -208,8 +224,9 @@ def train(
     model = build_model(cfg).to(device=device, dtype=dtype)
     algo = build_algo(cfg)
     params = algo.init_params(model)
+    D.broadcast_params(params, ctx)  # replicas start equal (the same seed already makes them)
     optim = build_optimizer(cfg, params)
-    train_gen = task_generator(cfg.seed)
+    train_gen = task_generator(cfg.seed, ctx.rank)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
 
@@ -233,7 +250,13 @@ def train(
                 p.copy_(state["params"][k])
         optim.optimizer.load_state_dict(state["optimizer"])
         optim.scheduler.load_state_dict(state["scheduler"])
-        train_gen.set_state(state["task_generator"])
+        gens = state.get("task_generators", [state["task_generator"]])
+        if len(gens) != ctx.world_size:
+            raise ConfigError(
+                f"resume: {resume_from} was written by {len(gens)} process(es), this run has "
+                f"{ctx.world_size}; resume with the same number of ranks (their task streams)"
+            )
+        train_gen.set_state(gens[ctx.rank])
         set_rng_state(state["rng"])
         start, history, elapsed = state["step"], state["history"], state["elapsed_s"]
         last_good = (resume_from, start)
@@ -241,17 +264,22 @@ def train(
 
     def checkpoint(step: int) -> None:
         nonlocal last_good
-        save_checkpoint(ckpt_path, {
-            "step": step,
-            "params": {k: v.detach().cpu() for k, v in params.items()},
-            "optimizer": optim.optimizer.state_dict(),
-            "scheduler": optim.scheduler.state_dict(),
-            "task_generator": train_gen.get_state(),
-            "rng": rng_state(),
-            "history": history,
-            "elapsed_s": elapsed,
-            "config": resolved,
-        })  # fmt: skip
+        D.assert_same_params(params, ctx)  # the replicas must still be bitwise equal
+        gens = D.gather_objects(train_gen.get_state(), ctx)  # every rank's task stream
+        if ctx.is_main:
+            save_checkpoint(ckpt_path, {
+                "step": step,
+                "params": {k: v.detach().cpu() for k, v in params.items()},
+                "optimizer": optim.optimizer.state_dict(),
+                "scheduler": optim.scheduler.state_dict(),
+                "task_generator": gens[0],
+                "task_generators": gens,
+                "rng": rng_state(),
+                "history": history,
+                "elapsed_s": elapsed,
+                "config": resolved,
+            })  # fmt: skip
+        D.barrier(ctx, "the barrier after writing the checkpoint")
         last_good = (ckpt_path, step)
 
     def validate(step: int) -> dict[str, dict[str, float]]:
@@ -260,7 +288,7 @@ def train(
         history.append({"step": step} | {k: v["mean"] for k, v in val.items()})
         return val
 
-    log = _Scalars(cfg, run, start)
+    log = _Scalars(cfg, run, start, enabled=ctx.is_main)
     if log.writer is not None and start == 0:
         text = OmegaConf.to_yaml(cfg, resolve=True).replace("\n", "\n    ")
         log.writer.add_text("config", "    " + text)  # indented: a code block in markdown
@@ -269,9 +297,13 @@ def train(
     try:
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.perf_counter()
-            tasks = sampler.sample("train", cfg.meta_batch, train_gen).to(device, dtype)
+            tasks = sampler.sample("train", n_local, train_gen).to(device, dtype)
             result = algo(model, params, tasks)
-            grads = reduce_grads(result.grads)
+            if reduce_grads is None:  # loss, metrics and meta-gradient averaged over ranks
+                result = D.reduce_result(result, ctx)
+                grads = result.grads
+            else:
+                grads = reduce_grads(result.grads)
             bad = _nonfinite(result.loss, grads)
             if bad is not None:
                 where = (
@@ -325,13 +357,14 @@ def train(
                         post["acc"] = f"{m['query_acc']:.3f}"
                     log.bar.set_postfix(post, refresh=False)
 
-            if sanity_every and (step % sanity_every == 0 or step == 1):
+            if sanity_every and ctx.is_main and (step % sanity_every == 0 or step == 1):
                 from theria.sanity import sanity_checks
 
                 checks = sanity_checks(model, params, tasks, algo, seed=step)
                 log.scalars({f"sanity/{k}": v for k, v in checks.items()}, step)
 
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+            if ctx.is_main and ((cfg.eval_every and step % cfg.eval_every == 0)
+                                or step == cfg.steps):  # fmt: skip
                 val = validate(step)
                 val_loss = val["query_loss_post"]["mean"]
                 log.scalars({f"val/{k}": v["mean"] for k, v in val.items()}, step)
@@ -343,27 +376,32 @@ def train(
         log.close()
         raise
 
-    test = evaluate(algo, model, params, sampler, "test", cfg.test_tasks, TEST_SEED,
-                    cfg.algo.eval_inner_steps, device=device, dtype=dtype)  # fmt: skip
-    results = {
-        "name": cfg.name,
-        "overrides": _overrides(),
-        "config": resolved,
-        "steps": cfg.steps,
-        "test": test,
-        "val_history": history,
-        "train_time_s": elapsed,
-        "peak_mem_mb": _peak_memory_mb(device),
-        "device": str(device),
-        "run_dir": str(run),
-        "tensorboard": str(run / TB_DIR) if cfg.logger.tensorboard else None,
-        "checkpoint": str(ckpt_path),
-    }
-    _write_json(run / RESULTS, results)
-    if log.writer is not None:
-        log.writer.add_hparams(_hparams(resolved), _final_metrics(test, history),
-                               run_name=".", global_step=cfg.steps)  # fmt: skip
+    results = None
+    if ctx.is_main:  # rank 0 evaluates and writes; the other ranks wait for its results
+        test = evaluate(algo, model, params, sampler, "test", cfg.test_tasks, TEST_SEED,
+                        cfg.algo.eval_inner_steps, device=device, dtype=dtype)  # fmt: skip
+        results = {
+            "name": cfg.name,
+            "overrides": _overrides(),
+            "config": resolved,
+            "steps": cfg.steps,
+            "test": test,
+            "val_history": history,
+            "train_time_s": elapsed,
+            "peak_mem_mb": _peak_memory_mb(device),
+            "device": str(device),
+            "world_size": ctx.world_size,
+            "run_dir": str(run),
+            "tensorboard": str(run / TB_DIR) if cfg.logger.tensorboard else None,
+            "checkpoint": str(ckpt_path),
+        }
+        _write_json(run / RESULTS, results)
+        if log.writer is not None:
+            log.writer.add_hparams(_hparams(resolved), _final_metrics(test, history),
+                                   run_name=".", global_step=cfg.steps)  # fmt: skip
     log.close()
+    results = D.broadcast_object(results, ctx)
+    D.teardown(ctx)
     return results
 
 
