@@ -5,9 +5,9 @@ its meta-gradient with the same algorithm call as a single process, and the meta
 averaged by one all-reduce of a flattened buffer. Every rank then applies the same optimizer
 step to the same averaged gradient, so the parameters stay bitwise identical without ever being
 sent (the way DistributedDataParallel keeps replicas in step: Li et al. 2020, "PyTorch
-Distributed", §3.2). With equal local batches, the mean of the ranks' means is the mean over the
-whole meta-batch, so W ranks of T/W tasks compute the meta-gradient of one process over T tasks
-up to float rounding.
+Distributed: Experiences on Accelerating Data Parallel Training", §3). With equal local
+batches, the mean of the ranks' means is the mean over the whole meta-batch, so W ranks of
+T/W tasks compute the meta-gradient of one process over T tasks up to float rounding.
 
 API summary:
 
@@ -37,7 +37,6 @@ also stops the remaining workers as soon as one exits with an error.
 
 from __future__ import annotations
 
-import builtins
 import os
 import zlib
 from collections.abc import Callable
@@ -393,4 +392,4 @@ def print0(*args: Any, ctx: DistContext | None = None, **kwargs: Any) -> None:
     else:
         rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
-        builtins.print(*args, **kwargs)
+        print(*args, **kwargs)
