@@ -47,7 +47,9 @@ def main() -> None:
     text = md.read_text().replace("report.png", "exp_transformer_algos.png")
     scale = (
         f"\nReduced scale (CPU budget): the steps above, seeds {args.seeds}, a 1-block "
-        "transformer of width 32 on 16-token Markov chains over 8 symbols, meta-batch 4 "
+        "transformer of width 32 on 16-token Markov chains over 8 symbols, meta-batch 4, "
+        "inner step 0.1 (1 step for FO-MAML/MAML; 10 proximal steps, λ = 1 and 3 CG "
+        "iterations for iMAML; each evaluated with its own inner loop) "
         "(conf/experiment/exp_transformer_algos.yaml"
         + (f", overrides {' '.join(args.overrides)}" if args.overrides else "")
         + f"). Measured on {machine()}. Sweep folder: {sweep.relative_to(ROOT)} (not "

@@ -53,7 +53,9 @@ def operator_section() -> None:
             cells = [MARKS.get(r.status(c).value, r.status(c).value).ljust(len(c)) for c in caps]
             print(name.ljust(width) + " | " + " | ".join(cells))
         print("(maml = a second-order MAML meta-gradient through the path; 'raises': PyTorch's "
-              "fused kernels have no double backward / forward-mode derivative)")  # fmt: skip
+              "fused kernels have no double backward / forward-mode derivative. The math path "
+              "works but holds L×L matrices: experiments/results/exp_attn_paths_*.md compares "
+              "memory.)")  # fmt: skip
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 33, 16, generator=g, dtype=torch.float64) for _ in range(3))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,7 @@ def plot(rows: list[dict[str, Any]], metric: str, path: Path, title: str) -> Non
     curves.set_ylabel(f"meta-val {metric} (mean over seeds)")
     if any(r["curve"] for r in rows):
         curves.legend(fontsize=6)
-    fig.suptitle(title)
+    fig.suptitle(textwrap.fill(title, 110), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
