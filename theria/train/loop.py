@@ -288,6 +288,9 @@ def train(
         history.append({"step": step} | {k: v["mean"] for k, v in val.items()})
         return val
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    mem_start = _peak_memory_mb(device)
     log = _Scalars(cfg, run, start, enabled=ctx.is_main)
     if log.writer is not None and start == 0:
         text = OmegaConf.to_yaml(cfg, resolve=True).replace("\n", "\n    ")
@@ -360,7 +363,14 @@ def train(
             if sanity_every and ctx.is_main and (step % sanity_every == 0 or step == 1):
                 from theria.sanity import sanity_checks
 
-                checks = sanity_checks(model, params, tasks, algo, seed=step)
+                if device.type == "cpu":
+                    checks = sanity_checks(model, params, tasks, algo, seed=step)
+                else:  # theria.sanity draws its directions from a CPU generator: check on
+                    # CPU copies (the CPU backends of the same attention path), visibly
+                    warn_once("train:sanity-cpu", "theria.train: the HVP sanity checks of a "
+                              f"{device.type} run are computed on CPU copies")  # fmt: skip
+                    cpu = {k: v.detach().cpu() for k, v in params.items()}
+                    checks = sanity_checks(model, cpu, tasks.to("cpu"), algo, seed=step)
                 log.scalars({f"sanity/{k}": v for k, v in checks.items()}, step)
 
             if ctx.is_main and ((cfg.eval_every and step % cfg.eval_every == 0)
@@ -378,6 +388,7 @@ def train(
 
     results = None
     if ctx.is_main:  # rank 0 evaluates and writes; the other ranks wait for its results
+        train_peak = _peak_memory_mb(device)  # through meta-training, before the meta-test
         test = evaluate(algo, model, params, sampler, "test", cfg.test_tasks, TEST_SEED,
                         cfg.algo.eval_inner_steps, device=device, dtype=dtype)  # fmt: skip
         results = {
@@ -388,7 +399,8 @@ def train(
             "test": test,
             "val_history": history,
             "train_time_s": elapsed,
-            "peak_mem_mb": _peak_memory_mb(device),
+            "peak_mem_mb": train_peak,
+            "mem_at_start_mb": mem_start,  # CPU: the process's RSS before the first step
             "device": str(device),
             "world_size": ctx.world_size,
             "run_dir": str(run),
