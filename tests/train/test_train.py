@@ -30,6 +30,17 @@ def scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}
 
 
+def test_tensorboard_holds_config_text_and_hparams(tmp_path: Path) -> None:
+    train(compose_config([*FAST, "sanity_every=0", "steps=1"]), run_dir=tmp_path)
+    ea = EventAccumulator(str(tmp_path / "tb"))
+    ea.Reload()
+    assert "config/text_summary" in ea.Tags()["tensors"]  # the resolved config, as text
+    text = ea.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "inner_lr: 0.01" in text and "name: sinusoid" in text
+    hp = ea.PluginTagToContent("hparams")  # what TensorBoard's HParams view reads
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(hp)
+
+
 def test_tiny_run_writes_results_checkpoint_and_sanity_scalars(tmp_path: Path) -> None:
     res = train(compose_config([*FAST, "dtype=float64"]), run_dir=tmp_path)
     on_disk = json.loads((tmp_path / "results.json").read_text())
