@@ -181,3 +181,26 @@ def test_maml_style_meta_gradient_keeps_second_order_term() -> None:
     ours, ref = meta_grad("torch"), meta_grad("reference")
     _close(ours, ref)
     assert (ours - meta_grad("torch", first_order=True)).abs().max() > 1e-3
+
+
+def test_blockwise_takes_float32_statistics_with_16bit_inputs() -> None:
+    """The Triton kernels keep lse and μ in float32 for 16-bit inputs; when a step falls back
+    to the blockwise code (a graph recorded through it), those statistics must be usable."""
+    from theria.attention import blockwise
+    from theria.attention.contract import Problem
+
+    pr = Problem(scale=0.5, is_causal=True, block_size=3)
+    q, k, v, do, tq = (torch.randn(2, 5, 4) for _ in range(5))
+    out32, lse32 = blockwise.forward(q, k, v, None, pr)
+    o_dot32, mu32 = blockwise.forward_jvp(q, k, v, None, pr, out32, lse32, tq, None, None)
+    want = blockwise.backward_jvp(q, k, v, None, pr, out32, lse32, do, tq, None, None, None)
+    h = [t.bfloat16() for t in (q, k, v, out32, do, tq, o_dot32)]
+    got = blockwise.backward_jvp(
+        h[0], h[1], h[2], None, pr, h[3], lse32, h[4], h[5], None, None, None, o_dot=h[6], mu=mu32
+    )
+    dq, dk = blockwise.lse_backward(h[0], h[1], None, pr, lse32, torch.ones_like(lse32))
+    assert dq.dtype == dk.dtype == torch.bfloat16
+    for a, b in zip(got[:3], want[:3], strict=True):
+        assert a.dtype == torch.bfloat16
+        # bfloat16 has an 8-bit mantissa: relative agreement to a few units of 2^-8
+        torch.testing.assert_close(a.float(), b, rtol=5e-2, atol=5e-2)

@@ -51,9 +51,11 @@ def _scores(qs: Tensor, kb: Tensor, mask: Tensor | None, j0: int, problem: Probl
     return mask_scores(s, mask, j0, problem)
 
 
-def _safe(lse: Tensor) -> Tensor:
-    """lse with -inf (rows with no key) replaced by 0, so exp(s - lse) is 0 there, not NaN."""
-    return torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+def _safe(lse: Tensor, like: Tensor) -> Tensor:
+    """lse with -inf (rows with no key) replaced by 0, so exp(s - lse) is 0 there, not NaN; in
+    the dtype of `like` (a kernel keeps lse in float32 for 16-bit inputs, and this code may run
+    on its statistics when a step falls back to it)."""
+    return torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).to(like.dtype)
 
 
 def _probs(
@@ -101,7 +103,7 @@ def forward(
         # carries no gradient (this keeps the differentiable use of this function clean).
         m_blk = s.detach().amax(dim=-1)
         m_new = m_blk if m is None else torch.maximum(m, m_blk)
-        m0 = _safe(m_new)
+        m0 = _safe(m_new, m_new)
         p = torch.exp(s - m0.unsqueeze(-1))
         pv = torch.matmul(p, _rows(v, j0, j1))  # (*B, L, b) @ (*B', b, Ev) -> (*B, L, Ev)
         if m is None:
@@ -133,7 +135,7 @@ def forward_jvp(
     """Tangent of O for tangents (Q̇, K̇, V̇):  Ȯ = (P∘Ṡ)V − μ∘O + P V̇,  μ = rowsum(P∘Ṡ).
 
     Returns (Ȯ (*B, L, Ev), μ (*B, L) — the tangent of lse — or None when Ṡ = 0)."""
-    lse0 = _safe(lse)
+    lse0 = _safe(lse, q)
     qs, tqs = q * problem.scale, _scaled(tq, problem.scale)
     mu = a = b = None
     for j0, j1 in _blocks(k.shape[-2], problem.block_size):
@@ -166,7 +168,7 @@ def backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """VJP with cotangent dO:  dV = Pᵀ dO,  dS = P∘(dO Vᵀ − δ),  dQ = scale·dS K,
     dK = scale·dSᵀ Q,  with δ = rowsum(dO∘O)."""
-    lse0 = _safe(lse)
+    lse0 = _safe(lse, q)
     qs = q * problem.scale
     delta = (do * out).sum(dim=-1, keepdim=True)  # (*B, L, 1)
     dq = None
@@ -191,13 +193,13 @@ def lse_backward(
     """VJP of lse alone, cotangent d_lse (*B, L):  dS = P∘d_lse,  dQ = scale·dS K,
     dK = scale·dSᵀ Q. (∂lse_i/∂S_ij = P_ij.) Needed only where a tangent of O, which depends on
     lse, is differentiated in reverse mode."""
-    lse0 = _safe(lse)
+    lse0 = _safe(lse, q)
     qs = q * problem.scale
     dq = None
     dks = []
     for j0, j1 in _blocks(k.shape[-2], problem.block_size):
         kb = _rows(k, j0, j1)
-        w = _probs(qs, kb, mask, j0, problem, lse0) * d_lse.unsqueeze(-1)  # (*B, L, b)
+        w = _probs(qs, kb, mask, j0, problem, lse0) * d_lse.to(q.dtype).unsqueeze(-1)
         dq = _add(dq, torch.matmul(w, kb))  # (*B, L, b) @ (*B', b, E) -> (*B, L, E)
         dks.append(torch.matmul(w.transpose(-2, -1), qs))  # (*B, b, L) @ (*B, L, E) -> (*B, b, E)
     dq = (dq * problem.scale).sum_to_size(q.shape)
@@ -236,7 +238,9 @@ def backward_jvp(
     """
     if o_dot is None or mu is None:
         o_dot, mu = forward_jvp(q, k, v, mask, problem, out, lse, tq, tk, tv)
-    lse0 = _safe(lse)
+    elif mu.dtype != q.dtype:  # a kernel's float32 statistic for 16-bit inputs
+        mu = mu.to(q.dtype)
+    lse0 = _safe(lse, q)
     qs, tqs = q * problem.scale, _scaled(tq, problem.scale)
     delta = (do * out).sum(dim=-1, keepdim=True)  # (*B, L, 1)
     delta_dot = (do * o_dot).sum(dim=-1, keepdim=True)

@@ -63,18 +63,27 @@ def mask_scores(s: Tensor, mask: Tensor | None, j0: int, problem: Problem) -> Te
     return s
 
 
+def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The broadcast of two shapes, or None if they do not broadcast. Plain Python: this runs
+    on every call, and torch.broadcast_shapes costs ~100 µs there."""
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + a, (1,) * (n - len(b)) + b
+    out = []
+    for x, y in zip(a, b, strict=True):
+        if x != y and x != 1 and y != 1:
+            return None
+        out.append(y if x == 1 else x)
+    return tuple(out)
+
+
 def _check_broadcast(
     name_a: str, a: tuple[int, ...], name_b: str, b: tuple[int, ...], gqa: bool
 ) -> None:
-    try:
-        if gqa:  # the heads dims were checked already; the rest must broadcast
-            torch.broadcast_shapes(a[:-1], b[:-1])
-        else:
-            torch.broadcast_shapes(a, b)
-    except RuntimeError:
+    # with GQA the heads dims were checked already; the rest must broadcast
+    if (_broadcast(a[:-1], b[:-1]) if gqa else _broadcast(a, b)) is None:
         raise ValueError(
             f"theria.sdpa: the batch dimensions of {name_a} {a} and {name_b} {b} do not broadcast"
-        ) from None
+        )
 
 
 def canonicalize(
@@ -167,7 +176,8 @@ def canonicalize(
                 "grouped-query attention"
             )
     _check_broadcast("query", tuple(query.shape[:-2]), "key", tuple(key.shape[:-2]), enable_gqa)
-    batch = torch.broadcast_shapes(tuple(q.shape[:-2]), tuple(k.shape[:-2]))
+    batch = _broadcast(tuple(q.shape[:-2]), tuple(k.shape[:-2]))
+    assert batch is not None  # checked above
 
     mask = attn_mask
     if mask is not None:
@@ -185,15 +195,11 @@ def canonicalize(
                 f"theria.sdpa: attn_mask is on {mask.device} but query is on {query.device}"
             )
         full = (*batch, L, S) if not enable_gqa else (*query.shape[:-2], L, S)
-        try:
-            torch.broadcast_shapes(tuple(mask.shape), full)
-            if torch.broadcast_shapes(tuple(mask.shape), full) != torch.Size(full):
-                raise RuntimeError
-        except RuntimeError:
+        if _broadcast(tuple(mask.shape), full) != tuple(full):
             raise ValueError(
                 f"theria.sdpa: attn_mask {tuple(mask.shape)} does not broadcast to the attention "
                 f"shape {full} (batch..., L={L}, S={S})"
-            ) from None
+            )
         if enable_gqa:
             mask = mask.expand(full).unflatten(-3, (key.shape[-3], full[-3] // key.shape[-3]))
         else:
