@@ -66,3 +66,9 @@ def test_hand_built_config_is_checked_against_the_schema() -> None:
     cfg = OmegaConf.create(plain)
     with pytest.raises(ConfigError, match="inner_stepz"):
         check_config(cfg)
+
+
+def test_attention_choice_without_attention_is_announced(tmp_path) -> None:
+    with pytest.warns(RuntimeWarning, match=r"attn=reference has no effect with model=mlp"):
+        train(compose_config(["debug=fast", "attn=reference", "steps=1", "sanity_every=0",
+                              "logger=none"]), run_dir=tmp_path)  # fmt: skip

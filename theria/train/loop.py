@@ -230,6 +230,10 @@ def train(
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
 
+    if cfg.model.name == "mlp" and cfg.attn.name != "theria":
+        warn_once("train:attn-mlp", f"theria.train: attn={cfg.attn.name} has no effect with "
+                  "model=mlp (no attention); use model=transformer with task=markov, glyphs "
+                  "or omniglot")  # fmt: skip
     sanity_every = cfg.sanity_every
     if sanity_every and cfg.model.name == "transformer" and cfg.attn.name == "sdpa":
         warn_once(
