@@ -47,7 +47,8 @@ def sanity_checks(
     p64 = {k: v.detach().to(dtype) for k, v in params.items()}
     model_names = {k for k, _ in model.named_parameters()}
     theta = {k: v for k, v in p64.items() if k in model_names}
-    g = torch.Generator().manual_seed(seed)
+    device = next(iter(theta.values())).device
+    g = torch.Generator(device=device).manual_seed(seed)
 
     def support(p: Params) -> Tensor:
         return set_loss(model, task.loss, p, task.support_x, task.support_y)[0]
@@ -55,7 +56,10 @@ def sanity_checks(
     out = {f"hvp_{k}": v for k, v in autodiff.check_hvp(support, theta, generator=g).items()}
     if isinstance(algo, MAML) and not algo.first_order:
         batch = Episode.stack([task])
-        u = {k: torch.randn(v.shape, generator=g, dtype=dtype) for k, v in p64.items()}
+        u = {
+            k: torch.randn(v.shape, generator=g, dtype=dtype, device=v.device)
+            for k, v in p64.items()
+        }
         norm = torch.sqrt(sum((t**2).sum() for t in u.values()))
         u = {k: t / norm for k, t in u.items()}
         grads = algo(model, p64, batch).grads

@@ -176,6 +176,11 @@ def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 def _unsupported(q: Tensor, k: Tensor, v: Tensor) -> str | None:
     """Why these inputs go to the blockwise torch code instead (visibly), or None."""
+    if q.dtype == torch.float64 and q.is_cuda:
+        return (
+            "float64 has no Triton kernel on CUDA (tl.dot does not compile for float64 there); "
+            "using the torch backend's blockwise code for float64 inputs"
+        )
     if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
         return (
             f"head dims E={q.shape[-1]}, Ev={v.shape[-1]} above {MAX_HEAD_DIM} have no Triton "
@@ -359,7 +364,7 @@ def forward(
 ) -> tuple[Tensor, Tensor]:
     """O (*B, L, Ev) and the row logsumexp lse (*B, L): one kernel pass, online softmax."""
     if (why := _unsupported(q, k, v)) is not None:
-        warn_once("triton:unsupported", f"theria.sdpa(backend='triton'): {why}")
+        warn_once(f"triton:unsupported:{why}", f"theria.sdpa(backend='triton'): {why}")
         return blockwise.forward(q, k, v, mask, problem)
     out, lse, _, _ = _forward(q, k, v, mask, problem, None)
     return out, lse
@@ -379,7 +384,7 @@ def forward_and_jvp(
     their primals or None): (out (*B, L, Ev), lse (*B, L), o_dot (*B, L, Ev), μ (*B, L) or
     None when Q̇ and K̇ are both None)."""
     if (why := _unsupported(q, k, v)) is not None:
-        warn_once("triton:unsupported", f"theria.sdpa(backend='triton'): {why}")
+        warn_once(f"triton:unsupported:{why}", f"theria.sdpa(backend='triton'): {why}")
         out, lse = blockwise.forward(q, k, v, mask, problem)
         o_dot, mu = blockwise.forward_jvp(q, k, v, mask, problem, out, lse, tq, tk, tv)
         return out, lse, o_dot, mu
@@ -403,7 +408,7 @@ def forward_jvp(
 ) -> tuple[Tensor, Tensor | None]:
     """Tangent of O given the saved lse: (Ȯ (*B, L, Ev), μ (*B, L) or None when Ṡ = 0)."""
     if (why := _unsupported(q, k, v)) is not None:
-        warn_once("triton:unsupported", f"theria.sdpa(backend='triton'): {why}")
+        warn_once(f"triton:unsupported:{why}", f"theria.sdpa(backend='triton'): {why}")
         return blockwise.forward_jvp(q, k, v, mask, problem, out, lse, tq, tk, tv)
     _check(q, k, v)
     L, S, Ev = q.shape[-2], k.shape[-2], v.shape[-1]
@@ -453,7 +458,7 @@ def backward(
     """VJP with cotangent dO: δ preprocess, then the dK/dV pass and the dQ pass. Gradients
     come back with the shapes (and dtype) of q, k, v."""
     if (why := _unsupported(q, k, v)) is not None:
-        warn_once("triton:unsupported", f"theria.sdpa(backend='triton'): {why}")
+        warn_once(f"triton:unsupported:{why}", f"theria.sdpa(backend='triton'): {why}")
         return blockwise.backward(q, k, v, mask, problem, out, lse, do)
     _check(q, k, v)
     L, S, E, Ev = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]

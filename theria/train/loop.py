@@ -369,8 +369,8 @@ def train(
 
                 if device.type == "cpu":
                     checks = sanity_checks(model, params, tasks, algo, seed=step)
-                else:  # theria.sanity draws its directions from a CPU generator: check on
-                    # CPU copies (the CPU backends of the same attention path), visibly
+                else:  # the checks run in float64, which has no Triton kernel: on CPU
+                    # copies they check the same (blockwise) code, and say so once
                     warn_once("train:sanity-cpu", "theria.train: the HVP sanity checks of a "
                               f"{device.type} run are computed on CPU copies")  # fmt: skip
                     cpu = {k: v.detach().cpu() for k, v in params.items()}
