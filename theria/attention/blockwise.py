@@ -58,14 +58,29 @@ def _safe(lse: Tensor, like: Tensor) -> Tensor:
     return torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).to(like.dtype)
 
 
+def _mm(a: Tensor, bt: Tensor, add: Tensor | None = None) -> Tensor:
+    """add + a @ bt. When a and bt share their batch dims the addition is fused into the
+    matmul (baddbmm), which saves a pass over the (*B, L, b) block; `add` broadcasts to the
+    result (a row statistic (*B, L, 1), or a whole block)."""
+    if add is None:
+        return torch.matmul(a, bt)
+    if a.dim() > 2 and a.shape[:-2] == bt.shape[:-2]:
+        batch, n, m = a.shape[:-2], a.shape[-2], bt.shape[-1]
+        add3 = add.expand(*batch, *add.shape[-2:]).reshape(-1, *add.shape[-2:])
+        out = torch.baddbmm(add3, a.reshape(-1, n, a.shape[-1]), bt.reshape(-1, bt.shape[-2], m))
+        return out.view(*batch, n, m)
+    return add + torch.matmul(a, bt)
+
+
 def _probs(
     qs: Tensor, kb: Tensor, mask: Tensor | None, j0: int, problem: Problem, lse0: Tensor
 ) -> Tensor:
-    """P for one key block, from the saved row logsumexp: exp(s - lse)."""
-    s = _scores(qs, kb, mask, j0, problem)
+    """P for one key block, from the saved row logsumexp: exp(s - lse). The mask is applied
+    after the subtraction (-inf stays -inf; an additive mask commutes with it)."""
+    s = mask_scores(_mm(qs, kb.transpose(-2, -1), -lse0.unsqueeze(-1)), mask, j0, problem)
     if torch.is_grad_enabled():  # recorded by autograd (higher orders): out of place
-        return torch.exp(s - lse0.unsqueeze(-1))
-    return s.sub_(lse0.unsqueeze(-1)).exp_()  # s is a fresh temporary: save two L×b passes
+        return torch.exp(s)
+    return s.exp_()  # s is a fresh temporary
 
 
 def _score_tangent(qs: Tensor, kb: Tensor, tqs: Tensor | None, tkb: Tensor | None) -> Tensor | None:
@@ -177,8 +192,8 @@ def backward(
         kb, vb = _rows(k, j0, j1), _rows(v, j0, j1)
         p = _probs(qs, kb, mask, j0, problem, lse0)  # (*B, L, b)
         dvs.append(torch.matmul(p.transpose(-2, -1), do))  # (*B, b, L) @ (*B, L, Ev) -> (*B, b, Ev)
-        dp = torch.matmul(do, vb.transpose(-2, -1))  # (*B, L, Ev) @ (*B', Ev, b) -> (*B, L, b)
-        ds = p * (dp - delta)
+        # dP − δ: (*B, L, Ev) @ (*B', Ev, b) -> (*B, L, b), minus the row statistic
+        ds = p * _mm(do, vb.transpose(-2, -1), -delta)
         dq = _add(dq, torch.matmul(ds, kb))  # (*B, L, b) @ (*B', b, E) -> (*B, L, E)
         dks.append(torch.matmul(ds.transpose(-2, -1), qs))  # (*B, b, L) @ (*B, L, E) -> (*B, b, E)
     dq = (dq * problem.scale).sum_to_size(q.shape)
@@ -253,17 +268,22 @@ def backward_jvp(
         tkb = _rows(tk, j0, j1)
         tvb = _rows(tv, j0, j1)
         p = _probs(qs, kb, mask, j0, problem, lse0)  # (*B, L, b)
-        sd = _score_tangent(qs, kb, tqs, tkb)
-        pd = None if sd is None else p * (sd - mu.unsqueeze(-1))
-        dp = torch.matmul(do, vb.transpose(-2, -1))  # (*B, L, Ev) @ (*B', Ev, b) -> (*B, L, b)
-        dpd = None
+        # Ṡ − μ = scale·(Q̇ Kᵀ + Q K̇ᵀ) − μ, the subtraction fused into the matmuls
+        sd_c = None
+        if tqs is not None:
+            sd_c = _mm(tqs, kb.transpose(-2, -1), -mu.unsqueeze(-1))
+        if tkb is not None:
+            sd_c = _mm(qs, tkb.transpose(-2, -1), -mu.unsqueeze(-1) if sd_c is None else sd_c)
+        pd = None if sd_c is None else p * sd_c
+        dp_c = _mm(do, vb.transpose(-2, -1), -delta)  # dP − δ, (*B, L, b)
+        # dṖ − δ̇ = dO V̇ᵀ + dȮ Vᵀ − δ̇
+        dpd_c = -delta_dot
         if tvb is not None:
-            dpd = torch.matmul(do, tvb.transpose(-2, -1))
+            dpd_c = _mm(do, tvb.transpose(-2, -1), dpd_c)
         if tdo is not None:
-            dpd = _add(dpd, torch.matmul(tdo, vb.transpose(-2, -1)))
-        dp_c = dp - delta
+            dpd_c = _mm(tdo, vb.transpose(-2, -1), dpd_c)
         ds = p * dp_c
-        dsd = p * ((0.0 if dpd is None else dpd) - delta_dot)
+        dsd = p * dpd_c
         if pd is not None:
             dsd = torch.addcmul(dsd, pd, dp_c)
         # (*B, L, b) @ (*B', b, E) -> (*B, L, E)
