@@ -134,6 +134,11 @@ def main(args: argparse.Namespace) -> None:
     env["threads"] = "per row (torch.set_num_threads in each process)"
     env["load average (1 min) before / after"] = f"{load_before[0]:.2f} / {load_after[0]:.2f}"
     env["cores"] = str(os.cpu_count())
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                            capture_output=True).stdout.strip()  # fmt: skip
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           text=True, capture_output=True).stdout.strip()  # fmt: skip
+    env["commit"] = commit + (" (with uncommitted changes)" if dirty else " (clean tree)")
     table = markdown_table(["workload", "processes", "threads/process", "tasks/rank",
                             "meta-steps/s (median)", "min", "max", "vs 1×1"], rows)  # fmt: skip
     workloads = "\n".join(f"- `{k}`: {v}" for k, v in WORKLOADS.items())
