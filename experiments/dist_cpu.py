@@ -104,7 +104,15 @@ def run_layout(workload: str, procs: int, threads: int, steps: int, repeats: int
                "--workload", workload, "--threads", str(threads), "--steps", str(steps),
                "--repeats", str(repeats), "--out", str(out)]  # fmt: skip
         env = os.environ | {"OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
-        subprocess.run(cmd, check=True, env=env, cwd=ROOT)
+        proc = subprocess.run(cmd, env=env, cwd=ROOT)
+        if proc.returncode != 0:
+            if not out.exists():
+                raise RuntimeError(f"{workload} {procs}x{threads}: the job failed (exit "
+                                   f"{proc.returncode}) before writing its rates")  # fmt: skip
+            # gloo occasionally aborts a rank at process exit, after the work (see
+            # tests/distributed/launch.py); the rates were written before that
+            print(f"note: {workload} {procs}x{threads} exited {proc.returncode} after writing "
+                  "its rates", flush=True)  # fmt: skip
         return json.loads(out.read_text())["rates"]
 
 

@@ -197,8 +197,11 @@ def setup(backend: str = "auto", timeout_s: float = 600.0, device: str = "auto")
 
 
 def teardown(ctx: DistContext) -> None:
-    """Destroys the process group if `setup` created it (after a final barrier-free exit)."""
+    """Destroys the process group if `setup` created it, after a barrier: a rank that left
+    while another was still finishing a collective could close the connection under it (seen
+    here as gloo aborting that rank with "terminate called without an active exception")."""
     if ctx.owns_group and dist.is_initialized():
+        barrier(ctx, "the barrier before leaving the process group")
         dist.destroy_process_group()
 
 

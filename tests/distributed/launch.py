@@ -77,6 +77,20 @@ def wait(ranks: list[Rank], timeout_s: float) -> list[Rank]:
     return ranks
 
 
+# A gloo rank occasionally aborts while the process exits, after all its work and the
+# process-group teardown (2 of ~30 local 2-rank jobs on torch 2.14.1, never before the end of
+# the job): C++ prints "terminate called without an active exception" and the exit status is
+# -6/134. Upstream describes Gloo worker threads outliving the interpreter at exit
+# (pytorch/pytorch#179291). A test accepts that exit only from a rank that reported its work
+# complete; any other non-zero exit fails it.
+EXIT_ABORT = "terminate called without an active exception"
+
+
+def completed(returncode: int | None, err: str, finished: bool) -> bool:
+    """Exit 0, or the known abort at exit after the rank `finished` its work."""
+    return returncode == 0 or (finished and EXIT_ABORT in err)
+
+
 def logs(ranks: list[Rank]) -> str:
     return "\n".join(f"--- rank {r.rank} (exit {r.returncode}):\n{r.out[-2000:]}\n"
                      f"{r.err[-4000:]}" for r in ranks)  # fmt: skip

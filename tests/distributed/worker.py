@@ -43,6 +43,7 @@ def main(mode: str, out: Path) -> None:
             print(f"rank {ctx.rank} step {step} done", flush=True)
     else:
         raise ValueError(f"unknown mode {mode!r}")
+    print(f"rank {ctx.rank} finished", flush=True)
     D.teardown(ctx)
 
 
