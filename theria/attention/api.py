@@ -83,8 +83,8 @@ def sdpa(
         backend: ``"reference"`` (explicit composition, any order, O(L·S) memory),
             ``"torch"`` (blockwise autograd Functions, O(L·block) extra memory, exact first
             and second derivatives in every mode), ``"triton"`` (the same as Triton kernels;
-            CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"auto"`` (``triton`` on CUDA when
-            available, else ``torch``).
+            CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"auto"`` (``triton`` for float16 /
+            bfloat16 CUDA tensors when Triton imports, else ``torch``).
         block_size: keys per block for the ``torch`` backend.
 
     Returns:
@@ -97,7 +97,11 @@ def sdpa(
     )
     chosen = backend
     if backend == "auto":
-        chosen = "triton" if _triton_usable(query) else "torch"
+        # Triton for 16-bit CUDA inputs. float32 kernels run IEEE (non-TF32) dots on small
+        # tiles, measured ~18x slower than the torch backend for an HVP on an H100
+        # (experiments/results/triton_hvp_h100.md), and float64 has no kernel: both use torch.
+        half = query.dtype in (torch.float16, torch.bfloat16)
+        chosen = "triton" if half and _triton_usable(query) else "torch"
     if chosen != "reference":
         reason = None
         if c.problem.dropout_p > 0.0:
