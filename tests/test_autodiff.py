@@ -63,3 +63,37 @@ def test_bad_arguments() -> None:
         autodiff.hvp(lambda x: (x**3).sum(), (x,), (x,), mode="fwd_fwd")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="scalar"):
         autodiff.hvp(lambda x: x**3, (x,), (x,))
+
+
+def test_dict_tangents_are_matched_by_key_not_position() -> None:
+    params = {
+        "a": torch.tensor([1.0, 2.0], dtype=torch.float64),
+        "b": torch.tensor([3.0], dtype=torch.float64),
+    }
+    tang = {"b": torch.zeros(1, dtype=torch.float64), "a": torch.ones(2, dtype=torch.float64)}
+
+    def f(p):
+        return (p["a"] ** 2).sum() + 0.0 * (p["b"] ** 2).sum()
+
+    for mode in ("rev_rev", "fwd_rev"):
+        hv = autodiff.hvp(f, params, tang, mode)
+        torch.testing.assert_close(hv["a"], torch.full((2,), 2.0, dtype=torch.float64))
+    with pytest.raises(ValueError, match="keys"):
+        autodiff.hvp(f, params, {"a": tang["a"], "c": tang["b"]})
+
+
+def test_grad_with_create_graph_stays_connected() -> None:
+    x = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    (g,) = autodiff.grad(lambda a: (a**3).sum(), (x,), create_graph=True)
+    (h,) = torch.autograd.grad(g.sum(), x)
+    torch.testing.assert_close(h, 6 * x.detach())
+
+
+def test_rev_rev_with_unused_or_linear_parts_gives_zeros_like_fwd_rev() -> None:
+    a, b = torch.randn(2, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
+    u = (torch.ones(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64))
+    for f in (lambda a, b: (a**2).sum(), lambda a, b: (a + 2 * b).sum()):
+        rr = autodiff.hvp(f, (a, b), u, "rev_rev")
+        fr = autodiff.hvp(f, (a, b), u, "fwd_rev")
+        for x, y in zip(rr, fr, strict=True):
+            torch.testing.assert_close(x, y)

@@ -46,6 +46,19 @@ def _call(fn: Callable[..., Tensor], primals: Tree) -> Tensor:
     return out.reshape(())
 
 
+def _tangents_like(primals: Tree, tangents: Tree, name: str = "tangents") -> list[Tensor]:
+    """The tangents flattened in the primals' order: dicts are matched by key, not position."""
+    if isinstance(primals, Mapping):
+        if not isinstance(tangents, Mapping) or set(tangents) != set(primals):
+            got = sorted(tangents) if isinstance(tangents, Mapping) else type(tangents).__name__
+            raise ValueError(f"{name}: expected a dict with keys {sorted(primals)}; got {got}")
+        flat = [tangents[key] for key in primals]
+    else:
+        flat = _flatten(tangents)[0]
+    _check_like(_flatten(primals)[0], flat, name)
+    return flat
+
+
 def _check_like(primals: list[Tensor], tangents: list[Tensor], name: str) -> None:
     if len(primals) != len(tangents):
         raise ValueError(f"{name}: {len(tangents)} tensors for {len(primals)} primals")
@@ -55,9 +68,12 @@ def _check_like(primals: list[Tensor], tangents: list[Tensor], name: str) -> Non
 
 
 def grad(fn: Callable[..., Tensor], primals: Tree, create_graph: bool = False) -> Any:
-    """∇f at primals, with the structure of primals."""
+    """∇f at primals, with the structure of primals. With `create_graph`, primals that already
+    require grad are differentiated as they are, so the gradient stays connected to them."""
     flat, unflatten = _flatten(primals)
-    leaves = [p.detach().requires_grad_(True) for p in flat]
+    leaves = [
+        p if (create_graph and p.requires_grad) else p.detach().requires_grad_(True) for p in flat
+    ]
     with torch.enable_grad():
         out = _call(fn, unflatten(leaves))
         gs = torch.autograd.grad(out, leaves, create_graph=create_graph, allow_unused=True)
@@ -69,14 +85,15 @@ def grad(fn: Callable[..., Tensor], primals: Tree, create_graph: bool = False) -
 def hvp(fn: Callable[..., Tensor], primals: Tree, tangents: Tree, mode: HvpMode = "rev_rev") -> Any:
     """Hessian of the scalar `fn` at `primals` applied to `tangents` (same structure)."""
     flat, unflatten = _flatten(primals)
-    tflat, _ = _flatten(tangents)
-    _check_like(flat, tflat, "tangents")
+    tflat = _tangents_like(primals, tangents)
     if mode == "rev_rev":
         leaves = [p.detach().requires_grad_(True) for p in flat]
         with torch.enable_grad():
             out = _call(fn, unflatten(leaves))
-            gs = torch.autograd.grad(out, leaves, create_graph=True)
-            dot = sum((g * t).sum() for g, t in zip(gs, tflat, strict=True))
+            gs = torch.autograd.grad(out, leaves, create_graph=True, allow_unused=True)
+            dot = sum((g * t).sum() for g, t in zip(gs, tflat, strict=True) if g is not None)
+            if not (isinstance(dot, Tensor) and dot.requires_grad):  # ∇f is constant: H = 0
+                return unflatten([torch.zeros_like(p) for p in flat])
             hv = torch.autograd.grad(dot, leaves, allow_unused=True)
         return unflatten(
             [torch.zeros_like(p) if h is None else h for p, h in zip(leaves, hv, strict=True)]
@@ -93,16 +110,14 @@ def hvp(fn: Callable[..., Tensor], primals: Tree, tangents: Tree, mode: HvpMode 
 def jvp(fn: Callable[..., Tensor], primals: Tree, tangents: Tree) -> tuple[Tensor, Tensor]:
     """(f(primals), directional derivative of f along tangents), by forward-mode AD."""
     flat, unflatten = _flatten(primals)
-    tflat, _ = _flatten(tangents)
-    _check_like(flat, tflat, "tangents")
+    tflat = _tangents_like(primals, tangents)
     return torch.func.jvp(lambda *xs: _apply(fn, unflatten(list(xs))), tuple(flat), tuple(tflat))
 
 
 def fd_hvp(fn: Callable[..., Tensor], primals: Tree, tangents: Tree, eps: float = 1e-4) -> Any:
     """(∇f(x + εv) − ∇f(x − εv)) / 2ε: a central difference, error O(ε²)."""
     flat, unflatten = _flatten(primals)
-    tflat, _ = _flatten(tangents)
-    _check_like(flat, tflat, "tangents")
+    tflat = _tangents_like(primals, tangents)
     plus = _flatten(
         grad(fn, unflatten([p.detach() + eps * t for p, t in zip(flat, tflat, strict=True)]))
     )[0]
@@ -151,7 +166,8 @@ def check_hvp(
     hv_fr = _vec(hvp(fn, primals, v, "fwd_rev"))
     hv_fd = _vec(fd_hvp(fn, primals, v, eps))
     hu = _vec(hvp(fn, primals, u, "rev_rev"))
-    uv, vv = _vec(u), _vec(v)
+    uv = torch.cat([t.reshape(-1) for t in _tangents_like(primals, u, "u")])
+    vv = torch.cat([t.reshape(-1) for t in _tangents_like(primals, v, "v")])
     sym_num = (uv.double() @ hv_rr.double() - vv.double() @ hu.double()).abs()
     sym_den = uv.double().norm() * hv_rr.double().norm() + vv.double().norm() * hu.double().norm()
     return {
