@@ -204,3 +204,21 @@ def test_blockwise_takes_float32_statistics_with_16bit_inputs() -> None:
         assert a.dtype == torch.bfloat16
         # bfloat16 has an 8-bit mantissa: relative agreement to a few units of 2^-8
         torch.testing.assert_close(a.float(), b, rtol=5e-2, atol=5e-2)
+
+
+def test_mask_tangent_is_never_dropped() -> None:
+    """A forward-mode tangent on a float mask: the blockwise Functions treat the mask as a
+    constant, so they must refuse it (explicit backend) or hand over to `reference` (auto)."""
+    q, k, v = (torch.randn(2, 4, 3, dtype=torch.float64) for _ in range(3))
+    m, tm = torch.randn(4, 4, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)
+
+    def tangent(backend):
+        return jvp(lambda m: theria.sdpa(q, k, v, attn_mask=m, backend=backend), (m,), (tm,))[1]
+
+    with pytest.raises(NotImplementedError, match="attn_mask"):
+        tangent("torch")
+    import theria.attention.api as api
+
+    api._warned.clear()
+    with pytest.warns(RuntimeWarning, match="reference"):
+        _close(tangent("auto"), tangent("reference"))

@@ -165,6 +165,9 @@ BAD_INPUTS = [
     ("backend must be", _qkv(), {"backend": "flash"}),
     ("block_size", _qkv(), {"block_size": 0}),
     ("needs CUDA tensors", _qkv(), {"backend": "triton"}),
+    ("empty attention", _qkv(ks=(0, 4), vs=(0, 4)), {}),
+    ("scale must be", _qkv(), {"scale": True}),
+    ("block_size", _qkv(), {"block_size": True}),
 ]
 
 

@@ -108,6 +108,8 @@ def sdpa(
             reason = f"dropout_p={c.problem.dropout_p} > 0"
         elif attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
             reason = "a float attn_mask that requires grad"
+        elif attn_mask is not None and _has_forward_tangent(attn_mask):
+            reason = "a float attn_mask with a forward-mode tangent"
         if reason is not None:
             if backend != "auto":
                 raise NotImplementedError(
@@ -132,6 +134,19 @@ def sdpa(
             )
         out = attention(c.q, c.k, c.v, c.mask, c.problem, _triton_impl())
     return c.restore(out)
+
+
+def _has_forward_tangent(t: Tensor) -> bool:
+    """A dual tensor of torch.autograd.forward_ad (torch.func's tangents are refused later, in
+    the Functions' jvp, since they are invisible here)."""
+    if t.is_floating_point():
+        from torch.autograd import forward_ad
+
+        try:
+            return forward_ad.unpack_dual(t).tangent is not None
+        except RuntimeError:  # no dual level is active
+            return False
+    return False
 
 
 def _interpreting() -> bool:

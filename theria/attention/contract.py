@@ -132,9 +132,11 @@ def canonicalize(
         )
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"theria.sdpa: dropout_p must be in [0, 1); got {dropout_p}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+    if scale is not None and (
+        isinstance(scale, bool) or not (isinstance(scale, (int, float)) and math.isfinite(scale))
+    ):
         raise TypeError(f"theria.sdpa: scale must be a finite float or None; got {scale!r}")
-    if not isinstance(block_size, int) or block_size < 1:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"theria.sdpa: block_size must be a positive int; got {block_size!r}")
     if is_causal and attn_mask is not None:
         raise ValueError(
@@ -144,6 +146,11 @@ def canonicalize(
 
     L, E = query.shape[-2], query.shape[-1]
     S = key.shape[-2]
+    if L == 0 or S == 0 or E == 0:
+        raise ValueError(
+            "theria.sdpa: empty attention: query and key need L >= 1, S >= 1 and E >= 1; got "
+            f"query {tuple(query.shape)}, key {tuple(key.shape)}"
+        )
     q, k, v = query, key, value
     restore: Callable[[Tensor], Tensor] = lambda out: out  # noqa: E731
 

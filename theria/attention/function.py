@@ -45,6 +45,16 @@ def _impl_for(impl: Any, *tensors: Tensor | None) -> Any:
     return blockwise if recording else impl
 
 
+def _reject_mask_tangent(t_mask: Tensor | None) -> None:
+    """The mask is a constant of these Functions: a tangent on it would be silently dropped."""
+    if t_mask is not None:
+        raise NotImplementedError(
+            "theria.sdpa: forward-mode AD with respect to a float attn_mask is not supported by "
+            "the torch/triton backends; use backend='reference' (or backend='auto', which falls "
+            "back to it for a mask that carries a tangent outside torch.func)"
+        )
+
+
 def _reject_nested_forward() -> None:
     """Forward-over-forward through a custom Function's `jvp` is silently wrong in torch.func
     (the inner `jvp` runs below the outer forward level, so the outer level never sees how the
@@ -99,7 +109,10 @@ class Attention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
     @staticmethod
-    def jvp(ctx: Any, tq: Tensor | None, tk: Tensor | None, tv: Tensor | None, *_: Any) -> tuple:
+    def jvp(
+        ctx: Any, tq: Tensor | None, tk: Tensor | None, tv: Tensor | None, t_mask: Any, *_: Any
+    ) -> tuple:
+        _reject_mask_tangent(t_mask)
         _reject_nested_forward()
         q, k, v, mask, out, lse = ctx.saved_tensors
         impl = _impl_for(ctx.impl, q, k, v, out, tq, tk, tv)
@@ -149,12 +162,13 @@ class AttentionBackward(torch.autograd.Function):
         tq: Tensor | None,
         tk: Tensor | None,
         tv: Tensor | None,
-        _tmask: Tensor | None,
+        t_mask: Tensor | None,
         _tout: Tensor | None,
         _tlse: Tensor | None,
         td_out: Tensor | None,
         *_: Any,
     ) -> tuple:
+        _reject_mask_tangent(t_mask)
         _reject_nested_forward()
         q, k, v, mask, out, lse, d_out = ctx.saved_tensors
         impl = _impl_for(ctx.impl, q, k, v, d_out, tq, tk, tv, td_out)
