@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import gc
-import os
-import platform
 import resource
 import statistics
 import threading
@@ -16,29 +13,11 @@ from typing import Any
 
 import torch
 
+from theria._environment import environment
+
+__all__ = ["RESULTS_DIR", "environment", "markdown_table", "measure", "write_result"]
+
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "experiments" / "results"
-
-
-def environment(device: torch.device | str = "cpu") -> dict[str, str]:
-    """Device, torch and triton versions and the date, for the header of every table."""
-    device = torch.device(device)
-    env = {
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = "not installed"
-    if device.type == "cuda":
-        env["device"] = torch.cuda.get_device_name(device)
-    else:
-        env["device"] = f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-        env["threads"] = str(torch.get_num_threads())
-    return env
 
 
 def _exact_cpu_rss() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from theria.bench.common import environment as _bench_environment
+from theria._environment import environment as _bench_environment
 from theria.boundary.probe import (
     CAPABILITIES,
     CAPABILITY_USES,
