@@ -37,6 +37,7 @@ also stops the remaining workers as soon as one exits with an error.
 
 from __future__ import annotations
 
+import atexit
 import os
 import zlib
 from collections.abc import Callable
@@ -151,7 +152,10 @@ def setup(backend: str = "auto", timeout_s: float = 600.0, device: str = "auto")
     device: "auto" (cuda:<local rank> when CUDA is available, else the CPU), "cpu", "cuda"
         (cuda:<local rank>) or "cuda:N". A CUDA device becomes the current one.
 
-    Reuses a process group that is already initialized (then `teardown` leaves it alone)."""
+    Reuses a process group that is already initialized (then `teardown` leaves it alone),
+    so that several runs in one process (a Hydra sweep under torchrun) share one group: a
+    second rendezvous on torchrun's store would wait forever. A group created here is left
+    at process exit (atexit) unless `teardown` left it before."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     if not timeout_s > 0:
@@ -193,7 +197,14 @@ def setup(backend: str = "auto", timeout_s: float = 600.0, device: str = "auto")
             f"{env['master_addr']}:{env['master_port']}) failed within {timeout_s:g} s; are all "
             f"ranks started and the address reachable? {type(e).__name__}: {e}"
         ) from e
+    atexit.register(_leave_at_exit)
     return DistContext(rank, world, local, dev, backend, timeout_s, owns_group=True)
+
+
+def _leave_at_exit() -> None:
+    # no barrier here: after an error, the other ranks may never come to it
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def teardown(ctx: DistContext) -> None:

@@ -136,3 +136,20 @@ def test_resumed_ddp_run_equals_the_uninterrupted_one(ddp_run, tmp_path):
     assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
     assert all(torch.equal(x, y) for x, y in zip(a["task_generators"], b["task_generators"],
                                                   strict=True))  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_sweep_under_torchrun_runs_every_job(tmp_path):
+    # a Hydra multirun runs its jobs one after another in each rank's process: they share
+    # one process group (a second rendezvous on torchrun's store would wait forever)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "theria.train", "-m", "dist=ddp", *OVERRIDES, "seed=0,1",
+           f"hydra.sweep.dir={tmp_path}"]  # fmt: skip
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(launch.ROOT)}
+    import os
+
+    proc = subprocess.run(cmd, cwd=launch.ROOT, env=os.environ | env, text=True,
+                          capture_output=True, timeout=300)  # fmt: skip
+    done = all((tmp_path / j / "results.json").exists() for j in ("0", "1"))
+    assert launch.completed(proc.returncode, proc.stderr, done), proc.stderr[-6000:]
+    assert done and proc.stdout.count("[theria.train] meta-test query loss") == 2

@@ -416,9 +416,8 @@ def train(
             log.writer.add_hparams(_hparams(resolved), _final_metrics(test, history),
                                    run_name=".", global_step=cfg.steps)  # fmt: skip
     log.close()
-    results = D.broadcast_object(results, ctx)
-    D.teardown(ctx)
-    return results
+    # the process group stays for the next run of a sweep in this process (left at exit)
+    return D.broadcast_object(results, ctx)
 
 
 def _write_json(path: Path, obj: Any) -> None:
