@@ -367,14 +367,9 @@ def train(
             if sanity_every and ctx.is_main and (step % sanity_every == 0 or step == 1):
                 from theria.sanity import sanity_checks
 
-                if device.type == "cpu":
-                    checks = sanity_checks(model, params, tasks, algo, seed=step)
-                else:  # the checks run in float64, which has no Triton kernel: on CPU
-                    # copies they check the same (blockwise) code, and say so once
-                    warn_once("train:sanity-cpu", "theria.train: the HVP sanity checks of a "
-                              f"{device.type} run are computed on CPU copies")  # fmt: skip
-                    cpu = {k: v.detach().cpu() for k, v in params.items()}
-                    checks = sanity_checks(model, cpu, tasks.to("cpu"), algo, seed=step)
+                # On the run's device: the float64 checks of a CUDA run use the blockwise code
+                # for attention (no float64 Triton kernel; theria.sdpa announces it once).
+                checks = sanity_checks(model, params, tasks, algo, seed=step)
                 log.scalars({f"sanity/{k}": v for k, v in checks.items()}, step)
 
             if ctx.is_main and ((cfg.eval_every and step % cfg.eval_every == 0)
