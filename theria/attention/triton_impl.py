@@ -520,19 +520,23 @@ def backward_jvp(
     exists, else `blockwise.backward_jvp` on the same device (announced once). o_dot and mu,
     when given, are the tangents of out and lse (they spare the first pass)."""
     kernel = _second_order()
-    if kernel is not None and _unsupported(q, k, v) is None:
+    why = _unsupported(q, k, v)
+    if kernel is not None and why is None:
         stats = {}
         if getattr(kernel, "REUSES_TANGENT_STATS", False) or getattr(
             _second_order_module(), "REUSES_TANGENT_STATS", False
         ):
             stats = {"o_dot": o_dot, "mu": mu}
         return kernel(q, k, v, mask, problem, out, lse, do, tq, tk, tv, tdo, **stats)
-    warn_once(
-        "triton:second-order-fallback",
-        "theria.sdpa(backend='triton'): no Triton kernel for the second-order step "
-        "(backward_jvp) yet; using the torch backend's blockwise implementation on the same "
-        "device for it (exact, slower).",
-    )
+    if why is not None:
+        warn_once(f"triton:unsupported:{why}", f"theria.sdpa(backend='triton'): {why}")
+    else:
+        warn_once(
+            "triton:second-order-fallback",
+            "theria.sdpa(backend='triton'): no Triton kernel for the second-order step "
+            "(backward_jvp) in this install; using the torch backend's blockwise "
+            "implementation on the same device for it (exact, slower).",
+        )
     # The forward keeps lse (and μ) in float32 for 16-bit inputs; run the blockwise formulas in
     # float32 then (rounding lse to 16 bits would cost P its accuracy) and cast back.
     dtype = q.dtype
