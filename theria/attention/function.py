@@ -26,6 +26,7 @@ jacrev, jacfwd, hessian) composes with both.
 
 from __future__ import annotations
 
+import inspect
 from types import ModuleType
 from typing import Any
 
@@ -188,3 +189,10 @@ def attention(
     """Canonical-form attention through the Functions above; returns out (*B, L, Ev)."""
     out, _lse = Attention.apply(q, k, v, mask, problem, impl)
     return out
+
+
+# torch.autograd.Function.apply binds default arguments through inspect.signature(forward) on
+# every call when setup_context is defined (~50 µs of Python per call, measured on this CPU);
+# a precomputed __signature__ lets inspect return at once. Same signature, so same binding.
+for _fn in (Attention.forward, AttentionBackward.forward):
+    _fn.__signature__ = inspect.signature(_fn)  # type: ignore[attr-defined]
