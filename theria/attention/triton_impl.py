@@ -45,6 +45,8 @@ from theria.attention import blockwise
 from theria.attention.api import warn_once
 from theria.attention.contract import Problem, canonicalize
 from theria.attention.kernels import first_order as K
+from theria.attention.kernels.launch import enabled as fast_launch_enabled
+from theria.attention.kernels.launch import launch, layout_key
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the kernels were built
 MAX_HEAD_DIM = 128
@@ -131,6 +133,7 @@ class _Batch:
         self.batch = tuple(batch)
         self.size = math.prod(self.batch)
         exp = [None if t is None else t.expand(*self.batch, *t.shape[-2:]) for t in tensors]
+        self.copied = False
         live = [t for t in exp if t is not None]
         groups: list[list[int]] = []
         for d, n in enumerate(self.batch):
@@ -147,6 +150,7 @@ class _Batch:
                 f"merged (batch {self.batch}); copying the inputs to contiguous memory.",
             )
             exp = [None if t is None else t.contiguous() for t in exp]
+            self.copied = True
             groups = [[d for d, n in enumerate(self.batch) if n != 1]] if self.size > 1 else []
         self.tensors = exp
         self.groups = groups
@@ -248,14 +252,28 @@ def _consts_cached(E: int, Ev: int, dtype: torch.dtype, mask_kind: int, causal: 
         NATURAL=natural,
         ACCURATE=natural and not INTERPRET,  # libdevice exp/log, IEEE division (CUDA only)
         RLN=1.0 if natural else K.LOG2E,  # the scores' unit: exp2 or natural exp
-        # float32 as IEEE float32 (torch's default matmul precision), not TF32; for 16-bit
-        # inputs the option does not apply.
-        PREC="ieee" if natural else "tf32",
+        PREC=precision(dtype, max(16, _pow2(E), _pow2(Ev))),
     )
 
 
 def _consts(q: Tensor, v: Tensor, mask_kind: int, problem: Problem, L: int, S: int) -> dict:
     return dict(_consts_cached(q.shape[-1], v.shape[-1], q.dtype, mask_kind, problem.is_causal))
+
+
+def precision(dtype: torch.dtype, block_e: int) -> str:
+    """tl.dot's input_precision for inputs of `dtype` with padded head dims up to `block_e`.
+
+    float32 with heads up to 64 wide: three TF32 tensor-core products (Triton's "tf32x3": each
+    operand split into a TF32 head and tail, the tail·tail product dropped), which keeps float32
+    within the 2×-of-PyTorch error rule (plain TF32 would not) at tensor-core speed. IEEE float32
+    dots run on the FMA units: 3× slower for a forward + backward and 31× for an HVP at N=4096
+    on an H100, and their long FMA chains put the float32 JVP past the 2× rule there
+    (experiments/results/triton_first_order_h100.md, triton_hvp_h100.md). Wider float32 heads
+    keep IEEE dots: the second-order tf32x3 tiles overflow the shared memory at 128.
+    float64 (the interpreter's checks) is IEEE; for 16-bit inputs the option does not apply."""
+    if dtype == torch.float64 or (dtype == torch.float32 and block_e > 64):
+        return "ieee"
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _tune_n(L: int, S: int) -> int:
@@ -266,33 +284,54 @@ def _autotune() -> bool:
     return os.environ.get("THERIA_TRITON_AUTOTUNE", "1") != "0"
 
 
-def _launch(tuned: Any, plain: Any, grid_rows: int, zb: int, args: list, consts: dict) -> None:
+def _launch(tuned: Any, plain: Any, grid_rows: int, zb: int, args: list, consts: dict) -> Any:
     """Run a kernel: in the interpreter with fixed 16×16 tiles; on CUDA autotuned over the
-    kernel's configs for 16-bit inputs (THERIA_TRITON_AUTOTUNE=0: the first config), with a
-    fixed small FMA tile for float32/float64."""
+    kernel's configs (THERIA_TRITON_AUTOTUNE=0: the first config that fits), with a fixed small
+    FMA tile for IEEE (float64) dots. `args` end with (L, S, TUNE_N). After the first
+    call of a tuning key the chosen configuration is launched through `kernels.launch` (Triton's
+    autotuner, heuristics and JIT dispatch cost 100-200 µs a launch on an H100 host). Returns
+    the launch as a `kernels.launch.Prepared`, or None (interpreter, or the autotuning call)."""
     by_keys = tuned is K.attn_bwd_dkdv_tuned  # programs over key blocks, not query blocks
     if INTERPRET:
         t = _INTERPRET_TILE
         plain[(triton.cdiv(grid_rows, t), zb)](*args, **consts, BLOCK_M=t, BLOCK_N=t)
-        return
+        return None
     if consts["PREC"] == "ieee" or not _autotune():
         # The first config that fits the shared memory (head dim 128 needs smaller tiles).
         configs = [K.FMA_CONFIG] if consts["PREC"] == "ieee" else tuned.configs
         for i, cfg in enumerate(configs):
-            bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-            grid = (triton.cdiv(grid_rows, bn if by_keys else bm), zb)
             try:
-                plain[grid](*args, **consts, **cfg.kwargs, num_warps=cfg.num_warps,
-                            num_stages=cfg.num_stages)  # fmt: skip
-                return
+                return _launch_config(plain, cfg, grid_rows, zb, args, consts, by_keys)
             except OutOfResources:
                 if i == len(configs) - 1:
                     raise
+    key = (id(tuned), args[-1], tuple(sorted(consts.items())),
+           tuple(a.dtype for a in args if isinstance(a, Tensor)))  # fmt: skip
+    cfg = _BEST.get(key)
+    if cfg is not None:
+        return _launch_config(plain, cfg, grid_rows, zb, args, consts, by_keys)
 
     def grid_fn(meta: dict) -> tuple[int, int]:
         return (triton.cdiv(grid_rows, meta["BLOCK_N"] if by_keys else meta["BLOCK_M"]), zb)
 
-    tuned[grid_fn](*args, **consts)
+    tuned[grid_fn](*args, **consts)  # autotunes this key (once), then launches the best
+    _BEST[key] = tuned.best_config
+    return None
+
+
+_BEST: dict[tuple, Any] = {}  # tuning key -> the autotuner's choice
+
+
+def _launch_config(
+    plain: Any, cfg: Any, grid_rows: int, zb: int, args: list, consts: dict, by_keys: bool
+) -> Any:
+    """Launch `plain` (a heuristics-wrapped JITFunction) with one triton.Config."""
+    opts = cfg.all_kwargs()
+    bm, bn = opts["BLOCK_M"], opts["BLOCK_N"]
+    sizes = {"L": args[-3], "S": args[-2], "BLOCK_M": bm, "BLOCK_N": bn}
+    heur = {name: fn(sizes) for name, fn in plain.values.items()}  # EVEN_M / EVEN_N
+    grid = (triton.cdiv(grid_rows, bn if by_keys else bm), zb)
+    return launch(plain, grid, args, {**consts, **opts, **heur})
 
 
 def _batch_shape(*shapes: Sequence[int]) -> tuple[int, ...]:
@@ -314,6 +353,36 @@ def _reduce(g: Tensor, like: Tensor) -> Tensor:
     return g.to(like.dtype)
 
 
+# --------------------------------------------------------------------------- launch plans
+
+# A call whose tensors match an earlier call's in shape, strides, dtype and 16-byte alignment
+# (and whose problem, device and tuning setting match) reuses that call's prepared launches:
+# only the data pointers change, so none of the layout, configuration or Triton dispatch work
+# is redone. That work is ~0.2 ms of host time per kernel on an H100 host, which at N=4096 is
+# as long as the kernels themselves (experiments/results/triton_first_order_h100.md).
+_PLANS: dict[tuple, tuple] = {}
+
+
+def _plan_key(kind: str, problem: Problem, *tensors: Tensor | None) -> tuple | None:
+    """The cache key of a call (None under the interpreter: nothing to save there)."""
+    if not fast_launch_enabled():
+        return None
+    return (kind, problem, _autotune(), tensors[0].device, *map(layout_key, tensors))  # type: ignore[union-attr]
+
+
+def _same(view: Tensor, t: Tensor) -> bool:
+    """`view` (an expanded, contiguous version of t) is t's memory as it is: no copy made."""
+    return view.data_ptr() == t.data_ptr() and view.shape == t.shape
+
+
+def _store_plan(key: tuple | None, plan: tuple) -> None:
+    if key is None or any(p is None for p in plan if not isinstance(p, tuple)):
+        return
+    if len(_PLANS) > 1024:
+        _PLANS.clear()
+    _PLANS[key] = plan
+
+
 # --------------------------------------------------------------------------- forward
 
 
@@ -326,6 +395,16 @@ def _forward(
     tangents: tuple[Tensor | None, Tensor | None, Tensor | None] | None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Forward, with the fused JVP when `tangents` is given (then some may be None)."""
+    key = _plan_key("fwd", problem, q, k, v, mask) if tangents is None else None
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is not None:
+        prep, out_shape, lse_shape, lse_dtype = plan
+        out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty(lse_shape, dtype=lse_dtype, device=q.device)
+        m = q if mask is None else mask
+        prep.run(((0, q), (1, k), (2, v), (3, m), (4, q), (5, q), (6, q),
+                  (8, out), (9, lse), (10, out), (11, lse)))  # fmt: skip
+        return out, lse, None, None
     _check(q, k, v)
     L, S, Ev = q.shape[-2], k.shape[-2], v.shape[-1]
     tq, tk, tv = tangents if tangents is not None else (None, None, None)
@@ -354,7 +433,9 @@ def _forward(
     consts = _consts(q, v, mask_kind, problem, L, S)
     consts.update(JVP=jvp, HAS_TQ=tq is not None, HAS_TK=tk is not None, HAS_TV=tv is not None)
     tuned = K.attn_fwd_dual_tuned if jvp else K.attn_fwd_tuned
-    _launch(tuned, K.attn_fwd_plain, L, lay.size, args, consts)
+    prep = _launch(tuned, K.attn_fwd_plain, L, lay.size, args, consts)
+    if not lay.copied:
+        _store_plan(key, (prep, out.shape, lse.shape, lse.dtype))
     return out, lse, o_dot, mu
 
 
@@ -460,6 +541,19 @@ def backward(
     if (why := _unsupported(q, k, v)) is not None:
         warn_once(f"triton:unsupported:{why}", f"theria.sdpa(backend='triton'): {why}")
         return blockwise.backward(q, k, v, mask, problem, out, lse, do)
+    key = _plan_key("bwd", problem, q, k, v, mask, out, lse, do)
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is not None:
+        pre, dkdv, dq_run, delta_spec, dq_spec, dk_spec, dv_spec = plan
+        delta = torch.empty(delta_spec[0], dtype=delta_spec[1], device=q.device)
+        dq, dk, dv = (torch.empty(sp[0], dtype=sp[1], device=q.device)
+                      for sp in (dq_spec, dk_spec, dv_spec))  # fmt: skip
+        m = q if mask is None else mask
+        pre.run(((0, out), (1, do), (2, delta)))
+        head = ((0, q), (1, k), (2, v), (3, m), (4, do), (6, lse), (7, delta))
+        dkdv.run((*head, (8, dk), (9, dv)))
+        dq_run.run((*head, (8, dq)))
+        return _reduce(dq, q), _reduce(dk, k), _reduce(dv, v)
     _check(q, k, v)
     L, S, E, Ev = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     mask_t, mask_kind = _mask_arg(mask, q, L, S)
@@ -475,10 +569,9 @@ def backward(
     delta = torch.empty(*batch, L, dtype=acc, device=q.device)
     pre_block = _INTERPRET_TILE if INTERPRET else 64
     consts = _consts(q, v, mask_kind, problem, L, S)
-    K.attn_bwd_preprocess[(triton.cdiv(L, pre_block), zb)](
-        out_c, doe, delta, *lay.strides(doe), lay.z[1], lay.z[2], L,
-        EV=Ev, BLOCK_DV=consts["BLOCK_DV"], BLOCK_M=pre_block, F64=consts["F64"],
-    )  # fmt: skip
+    pre_consts = dict(EV=Ev, BLOCK_DV=consts["BLOCK_DV"], BLOCK_M=pre_block, F64=consts["F64"])
+    pre = launch(K.attn_bwd_preprocess, (triton.cdiv(L, pre_block), zb),
+           [out_c, doe, delta, *lay.strides(doe), lay.z[1], lay.z[2], L], pre_consts)  # fmt: skip
 
     # Gradients of broadcast inputs are summed after the kernels: computed per batch entry
     # (in the accumulation dtype, so the sum loses nothing), then reduced to the input's shape.
@@ -494,8 +587,12 @@ def backward(
     ]  # fmt: skip
     scale = _scale_arg(problem, q.dtype, q.device)
     head = [qe, ke, ve, me, doe, scale, lse_c, delta]
-    _launch(K.attn_bwd_dkdv_tuned, K.attn_bwd_dkdv_plain, S, zb, [*head, dk, dv, *common], consts)
-    _launch(K.attn_bwd_dq_tuned, K.attn_bwd_dq_plain, L, zb, [*head, dq, *common], consts)
+    dkdv = _launch(K.attn_bwd_dkdv_tuned, K.attn_bwd_dkdv_plain, S, zb, [*head, dk, dv, *common],
+                   consts)  # fmt: skip
+    dq_run = _launch(K.attn_bwd_dq_tuned, K.attn_bwd_dq_plain, L, zb, [*head, dq, *common], consts)
+    if not lay.copied and _same(out_c, out) and _same(lse_c, lse):
+        specs = [(t.shape, t.dtype) for t in (delta, dq, dk, dv)]
+        _store_plan(key, (pre, dkdv, dq_run, *specs))
     return _reduce(dq, q), _reduce(dk, k), _reduce(dv, v)
 
 

@@ -31,7 +31,9 @@ sums over every z that shares its q (k) element, so broadcast inputs get reduced
 without a (*B, ...) copy. Masks keep their strides (a broadcast mask costs no memory).
 
 Limits: head dims E, Ev ≤ 256; float16/bfloat16 use tensor cores with fp32 accumulation;
-float32 uses IEEE fp32 dots (not TF32, to keep PyTorch's float32 accuracy); float64 (for the
+float32 uses "tf32x3" dots for heads up to 64 wide (three TF32 tensor-core products per
+multiply: float32 accuracy within the 2× rule, at tensor-core speed) and IEEE dots for wider
+ones (`triton_impl.precision`); float64 (for the
 interpreter tests) accumulates in float64. Rows whose every key is masked give zeros.
 """
 
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 
 import torch
 import triton
@@ -46,7 +49,9 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
-from theria.attention.contract import Problem
+from theria.attention.contract import Problem, _broadcast
+from theria.attention.kernels.launch import enabled as fast_launch_enabled
+from theria.attention.kernels.launch import launch, layout_key
 
 MAX_HEAD_DIM = 256
 # `backward_jvp` takes the tangents of out and lse (o_dot, mu) when the caller has them.
@@ -97,17 +102,16 @@ def _shrink(cfg: Config) -> Config | None:
 
 def _launch(kernel, name: str, block_e: int, itemsize: int, rows: int, z: int, args, flags):
     """Launch one kernel over z·cdiv(rows, tile) programs (tile = BLOCK_N for dkdv, else
-    BLOCK_M); on a shared-memory overflow retry with `_shrink`, announced once."""
+    BLOCK_M); on a shared-memory overflow retry with `_shrink`, announced once. Returns the
+    launch as a `kernels.launch.Prepared` (None under the interpreter)."""
     key, cfg = _config(name, block_e, itemsize)
     while True:
         bm, bn, warps, stages, key_major = cfg
         extra = {"KEY_MAJOR": key_major} if name == "dkdv" else {}
         grid = (z * triton.cdiv(rows, bn if name == "dkdv" else bm),)
         try:
-            kernel[grid](
-                *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **extra, **flags
-            )
-            return
+            opts = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+            return launch(kernel, grid, args, {**opts, **extra, **flags})
         except OutOfResources:
             smaller = _shrink(cfg)
             if smaller is None:
@@ -523,6 +527,13 @@ def _attn_hvp_dkdv(
 # ----------------------------------------------------------------------------------------------
 
 
+def _precision(dtype: torch.dtype, block_e: int) -> str:
+    """The first-order kernels' rule (`theria.attention.triton_impl.precision`)."""
+    from theria.attention.triton_impl import precision
+
+    return precision(dtype, block_e)
+
+
 def _batch_index(shape: tuple[int, ...], batch: tuple[int, ...], device: torch.device) -> Tensor:
     """For each flat index z over `batch`, the flat index of the element of a tensor with batch
     dims `shape` (broadcast to `batch`) that z reads: int32 (Z,)."""
@@ -539,29 +550,73 @@ def _group(index: Tensor, n: int) -> Tensor:
     return order.view(n, -1)
 
 
+# Small per-shape device tensors (index tables, mask offsets, the scale), made once and reused:
+# building them costs several kernel launches per call, and the scale, copied from the host,
+# would block the CPU until the GPU catches up (a synchronizing copy), which exposes all the
+# Python overhead after it. Keyed on everything they depend on; bounded.
+_CACHE: dict[tuple, object] = {}
+
+
+def _cached(key: tuple, make: Callable[[], object]) -> object:
+    value = _CACHE.get(key)
+    if value is None:
+        if len(_CACHE) > 256:
+            _CACHE.clear()
+        value = _CACHE[key] = make()
+    return value
+
+
+def _tables(
+    q_batch: tuple[int, ...], k_batch: tuple[int, ...], batch: tuple[int, ...], device: torch.device
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(qb, kb, q groups, k groups): the batch index tables of `_batch_index` and `_group`."""
+
+    def make() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        qb = _batch_index(q_batch, batch, device)
+        kb = _batch_index(k_batch, batch, device)
+        return qb, kb, _group(qb, math.prod(q_batch)), _group(kb, math.prod(k_batch))
+
+    return _cached(("tables", q_batch, k_batch, batch, device), make)  # type: ignore[return-value]
+
+
+def _scale(scale: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The scale as a one-element tensor (a Python float would reach the kernel as float32)."""
+    return _cached(  # type: ignore[return-value]
+        ("scale", scale, dtype, device),
+        lambda: torch.tensor([scale], device=device, dtype=dtype),
+    )
+
+
 def _mask_args(
     mask: Tensor | None, batch: tuple[int, ...], L: int, S: int, ref: Tensor
 ) -> tuple[Tensor, Tensor, int, int, int]:
     """(mask pointer, int64 (Z,) offsets per flat batch index, stride over L, over S, kind)."""
     Z = math.prod(batch)
     if mask is None:
-        return ref, torch.zeros(Z, device=ref.device, dtype=torch.int64), 0, 0, 0
+        zeros = _cached(
+            ("zeros", Z, ref.device), lambda: torch.zeros(Z, device=ref.device, dtype=torch.int64)
+        )
+        return ref, zeros, 0, 0, 0  # type: ignore[return-value]
     if mask.dim() > len(batch) + 2:
         raise ValueError(
             f"backward_jvp: mask {tuple(mask.shape)} has more dims than the attention "
             f"(batch {batch}, L={L}, S={S})"
         )
     m = mask.expand(*batch, L, S)  # a view: broadcast dims get stride 0
-    off = torch.zeros(batch, device=mask.device, dtype=torch.int64)
-    for d, n in enumerate(batch):
-        view = [1] * len(batch)
-        view[d] = n
-        off = off + (torch.arange(n, device=mask.device, dtype=torch.int64) * m.stride(d)).view(
-            view
-        )
+
+    def offsets() -> Tensor:
+        off = torch.zeros(batch, device=mask.device, dtype=torch.int64)
+        for d, n in enumerate(batch):
+            view = [1] * len(batch)
+            view[d] = n
+            step = torch.arange(n, device=mask.device, dtype=torch.int64) * m.stride(d)
+            off = off + step.view(view)
+        return off.reshape(-1)
+
+    off = _cached(("mask", batch, m.stride()[: len(batch)], mask.device), offsets)
     kind = 1 if m.dtype == torch.bool else 2
     ptr = m.view(torch.uint8) if kind == 1 else m
-    return ptr, off.reshape(-1), m.stride(-2), m.stride(-1), kind
+    return ptr, off, m.stride(-2), m.stride(-1), kind  # type: ignore[return-value]
 
 
 def _check(name: str, t: Tensor | None, shape: tuple[int, ...], ref: Tensor) -> Tensor | None:
@@ -608,13 +663,30 @@ def backward_jvp(
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             raise TypeError(f"backward_jvp: {name} has dtype {t.dtype}; expected a float dtype")
+    key = None
+    if o_dot is None and fast_launch_enabled():
+        key = (
+            "hvp",
+            problem,
+            q.device,
+            *map(layout_key, (q, k, v, mask, out, lse, do, tq, tk, tv, tdo)),
+        )
+        plan = _PLANS.get(key)
+        if plan is not None:
+            return _run_plan(plan, q, k, v, mask, out, lse, do, tq, tk, tv, tdo)
+    given_tensors = (q, k, v, out, lse, do, tq, tk, tv, tdo)
     L, E = q.shape[-2:]
     S, Ev = v.shape[-2:]
     if max(E, Ev) > MAX_HEAD_DIM:
         raise ValueError(
             f"backward_jvp: head dims E={E}, Ev={Ev} exceed the kernels' limit {MAX_HEAD_DIM}"
         )
-    batch = tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]))
+    batch = _broadcast(tuple(q.shape[:-2]), tuple(k.shape[:-2]))
+    if batch is None:
+        raise ValueError(
+            f"backward_jvp: batch dims of q {tuple(q.shape)} and k {tuple(k.shape)} do not "
+            "broadcast"
+        )
     Z = math.prod(batch)
     dtype, device = q.dtype, q.device
     tq = _check("tq", tq, tuple(q.shape), q)
@@ -628,8 +700,7 @@ def backward_jvp(
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     lse = lse.expand(*batch, L).contiguous()
     acc_t = torch.float64 if dtype == torch.float64 else torch.float32
-    qb = _batch_index(tuple(q.shape[:-2]), batch, device)
-    kb = _batch_index(tuple(k.shape[:-2]), batch, device)
+    qb, kb, q_groups, k_groups = _tables(tuple(q.shape[:-2]), tuple(k.shape[:-2]), batch, device)
     Zq, Zk = math.prod(q.shape[:-2]), math.prod(k.shape[:-2])
     m_ptr, m_off, stride_mm, stride_mn, mask_kind = _mask_args(mask, batch, L, S, q)
 
@@ -663,33 +734,68 @@ def backward_jvp(
         HAS_TDO=tdo is not None,
         MASK_KIND=mask_kind,
         CAUSAL=problem.is_causal,
-        PREC="ieee" if dtype in (torch.float32, torch.float64) else "tf32",
+        PREC=_precision(dtype, max(16, triton.next_power_of_2(max(E, Ev)))),
         ACC=tl.float64 if dtype == torch.float64 else tl.float32,
     )
     block_e = max(flags["BLOCK_E"], flags["BLOCK_EV"])
     # A tangent given as None is never read (its HAS_ flag is off); pass q as a placeholder.
     tq_, tk_, tv_, tdo_ = (t if t is not None else q for t in (tq, tk, tv, tdo))
-    # The scale as a one-element tensor: a Python float would reach the kernel as float32.
-    scale = torch.tensor([problem.scale], device=device, dtype=acc_t)
+    scale = _scale(problem.scale, acc_t, device)
 
     size = q.element_size()
+    rowstats = None
     if not given:
-        _launch(_attn_hvp_rowstats, "rowstats", block_e, size, L, Z, [
+        rowstats = _launch(_attn_hvp_rowstats, "rowstats", block_e, size, L, Z, [
             q, k, v, tq_, tk_, tv_, o, do, tdo_, lse, m_ptr,
             o_dot, mu, delta, delta_dot,
             qb, kb, m_off,
             stride_mm, stride_mn, L, S, scale,
         ], flags)  # fmt: skip
-    _launch(_attn_hvp_dq, "dq", block_e, size, L, Zq, [
+    dq_run = _launch(_attn_hvp_dq, "dq", block_e, size, L, Zq, [
         q, k, v, tq_, tk_, tv_, do, tdo_, lse, m_ptr,
         mu, delta, delta_dot, dq_dot,
-        kb, m_off, _group(qb, Zq), Z // Zq,
+        kb, m_off, q_groups, Z // Zq,
         stride_mm, stride_mn, L, S, scale,
     ], flags)  # fmt: skip
-    _launch(_attn_hvp_dkdv, "dkdv", block_e, size, S, Zk, [
+    dkdv_run = _launch(_attn_hvp_dkdv, "dkdv", block_e, size, S, Zk, [
         q, k, v, tq_, tk_, tv_, do, tdo_, lse, m_ptr,
         mu, delta, delta_dot, dk_dot, dv_dot,
-        qb, m_off, _group(kb, Zk), Z // Zk,
+        qb, m_off, k_groups, Z // Zk,
         stride_mm, stride_mn, L, S, scale,
     ], flags)  # fmt: skip
+    used = (q, k, v, o, lse, do, tq, tk, tv, tdo)
+    if key is not None and all(
+        (a is None) == (b is None) and (a is None or a.data_ptr() == b.data_ptr())
+        for a, b in zip(given_tensors, used, strict=True)
+    ):  # no input was copied: later calls with the same layout can reuse these launches
+        specs = [(t.shape, t.dtype) for t in (o_dot, mu, delta, delta_dot, dq_dot, dk_dot, dv_dot)]
+        if rowstats is not None and dq_run is not None and dkdv_run is not None:
+            if len(_PLANS) > 256:
+                _PLANS.clear()
+            _PLANS[key] = (rowstats, dq_run, dkdv_run, specs)
+    return dq_dot, dk_dot, dv_dot, o_dot
+
+
+# Prepared launches of earlier calls (see `_launch`), keyed on the shapes, strides, dtypes and
+# 16-byte alignment of every tensor, the problem and the device: a call matching one reuses it,
+# replacing only the data pointers (the host-side work otherwise costs about as much as the
+# kernels at N=4096 on an H100 host). Only the double-backward form (no o_dot given) is kept.
+_PLANS: dict[tuple, tuple] = {}
+
+
+def _run_plan(plan: tuple, q, k, v, mask, out, lse, do, tq, tk, tv, tdo) -> tuple:
+    """`backward_jvp` through a stored plan (same layouts as the call that made it)."""
+    rowstats, dq_run, dkdv_run, specs = plan
+    dev = q.device
+    o_dot, mu, delta, delta_dot, dq_dot, dk_dot, dv_dot = (
+        torch.empty(shape, dtype=dtype, device=dev) for shape, dtype in specs
+    )
+    m = q if mask is None else mask
+    tq_, tk_, tv_, tdo_ = (t if t is not None else q for t in (tq, tk, tv, tdo))
+    inputs = ((0, q), (1, k), (2, v), (3, tq_), (4, tk_), (5, tv_))
+    rowstats.run((*inputs, (6, out), (7, do), (8, tdo_), (9, lse), (10, m),
+                  (11, o_dot), (12, mu), (13, delta), (14, delta_dot)))  # fmt: skip
+    common = (*inputs, (6, do), (7, tdo_), (8, lse), (9, m), (10, mu), (11, delta), (12, delta_dot))
+    dq_run.run((*common, (13, dq_dot)))
+    dkdv_run.run((*common, (13, dk_dot), (14, dv_dot)))
     return dq_dot, dk_dot, dv_dot, o_dot

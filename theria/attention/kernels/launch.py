@@ -1,0 +1,171 @@
+"""A lower-overhead launcher for theria's Triton kernels on CUDA.
+
+`kernel[grid](*args, **consts)` goes through Triton's `Autotuner.run` → `Heuristics.run` →
+`JITFunction.run`, each of which rebuilds dicts of every argument, binds and specializes them
+all and looks the compiled kernel up. theria's kernels take 40-60 arguments (strides per
+tensor), and on an H100 host that costs 100-200 µs per launch (profiled,
+experiments/results/triton_first_order_h100.md): at N=4096 a forward + backward is ~1.3 ms of
+GPU work, so four launches added ~40% to it.
+
+`launch` keeps the result of Triton's own path (the `CompiledKernel` it returns) under a key of
+everything Triton specializes a compilation on — per tensor its dtype and whether its address
+is 16-byte aligned, per integer whether it is 1, divisible by 16 and which integer type it
+needs, the constexpr values and the launch options — plus the current device, and on a hit
+calls the compiled kernel's launcher directly, with the same arguments, metadata and hooks that
+`JITFunction.run` passes it. The key is at least as fine as Triton's, so a cached kernel is only
+reused where Triton would have chosen the same one. The first launch of each key (and any launch
+under the interpreter, with a global launch hook or in a Triton whose `CompiledKernel` lacks
+the attributes used here) goes through Triton's path unchanged.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_DISABLED = os.environ.get("THERIA_FAST_LAUNCH", "1") == "0"
+
+try:  # Triton >= 3.4 keeps the launch hooks in knobs
+    from triton import knobs as _knobs
+
+    def _hooks() -> tuple[Any, Any]:
+        return _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook
+except ImportError:  # pragma: no cover - older Triton: class attributes of CompiledKernel
+    from triton.compiler import CompiledKernel as _CK
+
+    def _hooks() -> tuple[Any, Any]:
+        return getattr(_CK, "launch_enter_hook", None), getattr(_CK, "launch_exit_hook", None)
+
+
+def _base(kernel: Any) -> Any:
+    """The JITFunction under Autotuner / Heuristics wrappers."""
+    while not isinstance(kernel, triton.runtime.JITFunction):
+        kernel = kernel.fn
+    return kernel
+
+
+class _Signature:
+    """A kernel's parameters in order, which of them are constexprs, and their defaults."""
+
+    def __init__(self, fn: Any) -> None:
+        params = inspect.signature(fn.fn).parameters
+        constexprs = {p.name for p in fn.params if _flag(p.is_constexpr)}
+        self.order = [(name, name in constexprs) for name in params]
+        self.runtime_pos = [i for i, (_, const) in enumerate(self.order) if not const]
+        self.defaults = {
+            n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty
+        }
+
+    def values(self, args: Sequence[Any], consts: dict[str, Any]) -> list[Any]:
+        """Every parameter's value in declaration order (what Triton's launcher takes)."""
+        it = iter(args)
+        return [
+            (consts[n] if n in consts else self.defaults[n]) if const else next(it)
+            for n, const in self.order
+        ]
+
+
+def _flag(x: Any) -> bool:
+    """A KernelParam attribute that is a cached property in some Triton versions, a method in
+    others."""
+    return bool(x() if callable(x) else x)
+
+
+_SIGS: dict[int, _Signature] = {}
+_COMPILED: dict[tuple, Any] = {}
+_I32 = 1 << 31
+_U64 = 1 << 63
+
+
+def layout_key(t: torch.Tensor | None) -> tuple | None:
+    """Shape, strides, dtype and 16-byte alignment of a tensor: two tensors with equal keys can
+    take each other's place in a `Prepared` launch."""
+    if t is None:
+        return None
+    return (t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0)
+
+
+def _arg_key(a: Any) -> Any:
+    """What Triton specializes a compilation on for one runtime argument (or finer)."""
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, a.data_ptr() % 16 == 0)
+    if isinstance(a, bool):
+        return ("b", a)
+    if isinstance(a, int):
+        width = 0 if -_I32 <= a < _I32 else 1 if a < _U64 else 2  # i32, i64, u64
+        return (a == 1, a % 16 == 0, width)
+    if isinstance(a, float):
+        return "f"
+    return (type(a), a)
+
+
+def enabled() -> bool:
+    """Whether launches are prepared and reused (CUDA, THERIA_FAST_LAUNCH not 0)."""
+    return not (INTERPRET or _DISABLED)
+
+
+class Prepared:
+    """A compiled kernel with its grid and every parameter value of one launch: `run` launches
+    it again with some runtime arguments replaced by tensors of the same dtype, shape, strides
+    and 16-byte alignment (the caller's cache key guarantees that), skipping all dispatch."""
+
+    __slots__ = ("compiled", "grid", "pos", "values")
+
+    def __init__(self, compiled: Any, grid: tuple[int, int, int], values: list, pos: list[int]):
+        self.compiled, self.grid, self.values, self.pos = compiled, grid, values, pos
+
+    def run(self, replace: Sequence[tuple[int, Any]]) -> None:
+        """Launch with runtime argument i (its index in the `args` given to `launch`) set to
+        each (i, value) of `replace`."""
+        values = list(self.values)
+        for i, x in replace:
+            values[self.pos[i]] = x
+        c, g = self.compiled, self.grid
+        stream = _stream(torch.cuda.current_device())
+        enter, leave = _hooks()
+        meta = c.launch_metadata(g, stream, *values)
+        c.run(g[0], g[1], g[2], stream, c.function, c.packed_metadata, meta, enter, leave, *values)
+
+
+def launch(
+    kernel: Any, grid: Sequence[int], args: Sequence[Any], consts: dict[str, Any]
+) -> Prepared | None:
+    """`kernel[grid](*args, **consts)` for a JITFunction (or a heuristics-free wrapper of one):
+    `args` are the runtime arguments in order, `consts` every constexpr the kernel has no default
+    for plus num_warps / num_stages. Returns the launch as a `Prepared` (None under the
+    interpreter or with THERIA_FAST_LAUNCH=0)."""
+    if INTERPRET or _DISABLED:
+        kernel[tuple(grid)](*args, **consts)
+        return None
+    fn = _base(kernel)
+    device = torch.cuda.current_device()
+    key = (id(fn), device, tuple(map(_arg_key, args)), tuple(sorted(consts.items())))
+    compiled = _COMPILED.get(key)
+    sig = _SIGS.get(id(fn))
+    if sig is None:
+        sig = _SIGS[id(fn)] = _Signature(fn)
+    values = sig.values(args, consts)
+    g = (*grid, 1, 1)[:3]
+    if compiled is None:  # Triton's own path: compiles (or finds) and launches
+        compiled = fn[tuple(grid)](*args, **consts)
+        if len(_COMPILED) > 4096:
+            _COMPILED.clear()
+        _COMPILED[key] = compiled
+        return Prepared(compiled, g, values, sig.runtime_pos)
+    stream = _stream(device)
+    enter, leave = _hooks()
+    meta = compiled.launch_metadata(g, stream, *values)
+    compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, meta,
+                 enter, leave, *values)  # fmt: skip
+    return Prepared(compiled, g, values, sig.runtime_pos)
+
+
+def _stream(device: int) -> int:
+    """The current CUDA stream's handle (what Triton's driver asks torch for)."""
+    return torch._C._cuda_getCurrentRawStream(device)
