@@ -262,7 +262,7 @@ def _limit(name: str, dtype: str, D: int, N: int, args: argparse.Namespace) -> s
     (the torch backend) or are known to run out of memory (math SDPA, tried up to the first
     OOM, which is recorded)."""
     if dtype == "fp32" and name == "theria triton" and args.max_fp32 < N:
-        return f"not run (> {args.max_fp32}: IEEE fp32 dots, minutes)"
+        return f"not run (> {args.max_fp32}, --max-fp32)"
     if name == "theria torch" and args.max_torch < N:
         return f"not run (> {args.max_torch})"
     return None

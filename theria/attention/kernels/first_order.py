@@ -27,8 +27,11 @@ Limits and conventions:
   causal is top-left aligned (key j attends query i iff j <= i).
 - Precision: 16-bit inputs are multiplied on the tensor cores with float32 accumulation, and
   exponentials are exp2 with the scale pre-multiplied by log2(e) (one multiply less per score).
-  float32 inputs use IEEE float32 dots (PREC="ieee", not TF32) so they match torch's float32
-  matmul, and natural exp/log (NATURAL=True): folding log2(e) into the scores would round
+  float32 inputs use "tf32x3" dots for heads up to 64 wide (PREC: each operand split into a
+  TF32 head and tail, three tensor-core products; IEEE float32 dots on the FMA units were 3×
+  slower and their long FMA chains put the float32 JVP past 2× PyTorch's error on an H100) and
+  IEEE dots for wider heads (`triton_impl.precision`), and natural exp/log
+  (NATURAL=True): folding log2(e) into the scores would round
   s·log2(e) (an error ∝ |s|, not |s − max|) and round-trip lse through log2, which costs
   float32 its 2×-of-torch accuracy. On CUDA (ACCURATE=True) float32/float64 also take exp, log
   and 1/l from libdevice / IEEE division rather than the approximate tl.exp (ex2.approx),
@@ -490,8 +493,9 @@ _even_n = {"EVEN_N": lambda a: a["S"] % a["BLOCK_N"] == 0}
 _even_m = {"EVEN_M": lambda a: a["L"] % a["BLOCK_M"] == 0}
 
 # Candidate tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) for 16-bit inputs on Hopper; the
-# first of each list is the default when autotuning is off. float32 (IEEE dots, no tensor
-# cores) uses the small FMA tile below: its large tiles take minutes to compile.
+# first of each list is the default when autotuning is off (float32 "tf32x3" dots use the same
+# tiles; the autotuner skips those that overflow the shared memory). IEEE dots (float64, no
+# tensor cores) use the small FMA tile below: large FMA tiles take minutes to compile.
 FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)])
 # Three accumulators (O, (P∘Ṡ)V, PV̇): at head dim 128 smaller row tiles or more warps.
 JVP_CONFIGS = _configs([
