@@ -97,9 +97,10 @@ def sdpa(
     )
     chosen = backend
     if backend == "auto":
-        # Triton for 16-bit CUDA inputs. float32 kernels run IEEE (non-TF32) dots on small
-        # tiles, measured ~18x slower than the torch backend for an HVP on an H100
-        # (experiments/results/triton_hvp_h100.md), and float64 has no kernel: both use torch.
+        # Triton for 16-bit CUDA inputs. float32 stays on the torch backend: its kernels use
+        # tf32x3 dots (within the 2x accuracy rule, 1.7x faster than the torch backend for an
+        # HVP at D=64 on an H100) but IEEE dots for heads wider than 64, which are slow
+        # (experiments/results/triton_hvp_h100.md); float64 has no kernel.
         half = query.dtype in (torch.float16, torch.bfloat16)
         chosen = "triton" if half and _triton_usable(query) else "torch"
     if chosen != "reference":
