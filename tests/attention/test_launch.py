@@ -104,3 +104,34 @@ def test_plans_and_fast_launch_match_tritons_launch(dtype, layout, monkeypatch):
     monkeypatch.setattr(L, "_DISABLED", False)
     got2 = _results(x2, u, kw)
     assert all(torch.equal(a, b) for a, b in zip(got2, want2, strict=True))
+
+
+class _FakeCompiled:
+    """Stands in for Triton's CompiledKernel: records what its launcher receives."""
+
+    function, packed_metadata = "fn", "meta"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def launch_metadata(self, grid, stream, *values):
+        return None
+
+    def run(self, *args):
+        self.calls.append(args)
+
+
+def test_prepared_launch_swaps_arguments_and_refuses_missing_ones(monkeypatch):
+    monkeypatch.setattr(L, "_stream", lambda device: 7)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    c = _FakeCompiled()
+    # runtime args (a, b, n) at parameter positions 0, 2, 3; a constexpr at 1
+    prep = L.Prepared(c, (4, 2, 1), ["a0", 16, "b0", 5], [0, 2, 3])
+    kept = prep.without([0, 1])
+    assert prep.values == ["a0", 16, "b0", 5]  # the original is unchanged
+    assert kept.values == [None, 16, None, 5]  # the stored launch holds no tensors
+    kept.run([(0, "a1"), (1, "b1")])
+    grid_and_stream, values = c.calls[-1][:4], c.calls[-1][9:]
+    assert grid_and_stream == (4, 2, 1, 7) and values == ("a1", 16, "b1", 5)
+    with pytest.raises(RuntimeError, match=r"without arguments \[1\]"):
+        kept.run([(0, "a2")])

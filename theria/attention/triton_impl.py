@@ -361,6 +361,12 @@ def _reduce(g: Tensor, like: Tensor) -> Tensor:
 # is redone. That work is ~0.2 ms of host time per kernel on an H100 host, which at N=4096 is
 # as long as the kernels themselves (experiments/results/triton_first_order_h100.md).
 _PLANS: dict[tuple, tuple] = {}
+# The runtime arguments a plan replaces on every call (indices into each kernel's argument
+# list as `_forward` / `backward` build it): all the tensors but the cached scale.
+_FWD_SLOTS = (0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11)  # q k v mask tq tk tv out lse o_dot mu
+_PRE_SLOTS = (0, 1, 2)  # out dO delta
+_DKDV_SLOTS = (0, 1, 2, 3, 4, 6, 7, 8, 9)  # q k v mask dO lse delta dK dV
+_DQ_SLOTS = (0, 1, 2, 3, 4, 6, 7, 8)  # q k v mask dO lse delta dQ
 
 
 def _plan_key(kind: str, problem: Problem, *tensors: Tensor | None) -> tuple | None:
@@ -402,8 +408,7 @@ def _forward(
         out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(lse_shape, dtype=lse_dtype, device=q.device)
         m = q if mask is None else mask
-        prep.run(((0, q), (1, k), (2, v), (3, m), (4, q), (5, q), (6, q),
-                  (8, out), (9, lse), (10, out), (11, lse)))  # fmt: skip
+        prep.run(tuple(zip(_FWD_SLOTS, (q, k, v, m, q, q, q, out, lse, out, lse), strict=True)))
         return out, lse, None, None
     _check(q, k, v)
     L, S, Ev = q.shape[-2], k.shape[-2], v.shape[-1]
@@ -434,7 +439,8 @@ def _forward(
     consts.update(JVP=jvp, HAS_TQ=tq is not None, HAS_TK=tk is not None, HAS_TV=tv is not None)
     tuned = K.attn_fwd_dual_tuned if jvp else K.attn_fwd_tuned
     prep = _launch(tuned, K.attn_fwd_plain, L, lay.size, args, consts)
-    if not lay.copied:
+    if not lay.copied and prep is not None:
+        prep = prep.without(_FWD_SLOTS)
         _store_plan(key, (prep, out.shape, lse.shape, lse.dtype))
     return out, lse, o_dot, mu
 
@@ -549,10 +555,9 @@ def backward(
         dq, dk, dv = (torch.empty(sp[0], dtype=sp[1], device=q.device)
                       for sp in (dq_spec, dk_spec, dv_spec))  # fmt: skip
         m = q if mask is None else mask
-        pre.run(((0, out), (1, do), (2, delta)))
-        head = ((0, q), (1, k), (2, v), (3, m), (4, do), (6, lse), (7, delta))
-        dkdv.run((*head, (8, dk), (9, dv)))
-        dq_run.run((*head, (8, dq)))
+        pre.run(tuple(zip(_PRE_SLOTS, (out, do, delta), strict=True)))
+        dkdv.run(tuple(zip(_DKDV_SLOTS, (q, k, v, m, do, lse, delta, dk, dv), strict=True)))
+        dq_run.run(tuple(zip(_DQ_SLOTS, (q, k, v, m, do, lse, delta, dq), strict=True)))
         return _reduce(dq, q), _reduce(dk, k), _reduce(dv, v)
     _check(q, k, v)
     L, S, E, Ev = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
@@ -590,9 +595,15 @@ def backward(
     dkdv = _launch(K.attn_bwd_dkdv_tuned, K.attn_bwd_dkdv_plain, S, zb, [*head, dk, dv, *common],
                    consts)  # fmt: skip
     dq_run = _launch(K.attn_bwd_dq_tuned, K.attn_bwd_dq_plain, L, zb, [*head, dq, *common], consts)
-    if not lay.copied and _same(out_c, out) and _same(lse_c, lse):
+    if (
+        not lay.copied
+        and _same(out_c, out)
+        and _same(lse_c, lse)
+        and None not in (pre, dkdv, dq_run)
+    ):
         specs = [(t.shape, t.dtype) for t in (delta, dq, dk, dv)]
-        _store_plan(key, (pre, dkdv, dq_run, *specs))
+        preps = (pre.without(_PRE_SLOTS), dkdv.without(_DKDV_SLOTS), dq_run.without(_DQ_SLOTS))
+        _store_plan(key, (*preps, *specs))
     return _reduce(dq, q), _reduce(dk, k), _reduce(dv, v)
 
 

@@ -115,10 +115,26 @@ class Prepared:
     it again with some runtime arguments replaced by tensors of the same dtype, shape, strides
     and 16-byte alignment (the caller's cache key guarantees that), skipping all dispatch."""
 
-    __slots__ = ("compiled", "grid", "pos", "values")
+    __slots__ = ("compiled", "grid", "pos", "stripped", "values")
 
-    def __init__(self, compiled: Any, grid: tuple[int, int, int], values: list, pos: list[int]):
+    def __init__(
+        self,
+        compiled: Any,
+        grid: tuple[int, int, int],
+        values: list,
+        pos: list[int],
+        stripped: tuple[int, ...] = (),
+    ) -> None:
         self.compiled, self.grid, self.values, self.pos = compiled, grid, values, pos
+        self.stripped = stripped
+
+    def without(self, indices: Sequence[int]) -> Prepared:
+        """Drop the values of runtime arguments `indices` (those every `run` replaces), so that a
+        stored launch does not keep the tensors of the call that made it alive."""
+        values = list(self.values)
+        for i in indices:
+            values[self.pos[i]] = None
+        return Prepared(self.compiled, self.grid, values, self.pos, tuple(indices))
 
     def run(self, replace: Sequence[tuple[int, Any]]) -> None:
         """Launch with runtime argument i (its index in the `args` given to `launch`) set to
@@ -126,6 +142,9 @@ class Prepared:
         values = list(self.values)
         for i, x in replace:
             values[self.pos[i]] = x
+        missing = [i for i in self.stripped if values[self.pos[i]] is None]
+        if missing:  # a pointer the caller forgot: refuse rather than launch on address 0
+            raise RuntimeError(f"theria: prepared launch run without arguments {missing}")
         c, g = self.compiled, self.grid
         stream = _stream(torch.cuda.current_device())
         enter, leave = _hooks()
