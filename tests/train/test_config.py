@@ -10,8 +10,18 @@ from omegaconf import OmegaConf
 from theria.train import CONF_DIR, ConfigError, compose_config, train
 from theria.train.build import check_config
 
-GROUPS = ("algo", "attn", "task", "model", "optim", "logger", "launcher", "dist",
-          "experiment", "debug")
+GROUPS = (
+    "algo",
+    "attn",
+    "task",
+    "model",
+    "optim",
+    "logger",
+    "launcher",
+    "dist",
+    "experiment",
+    "debug",
+)
 
 
 def options(group: str) -> list[str]:
