@@ -106,8 +106,10 @@ def _arg_key(a: Any) -> Any:
 
 
 def enabled() -> bool:
-    """Whether launches are prepared and reused (CUDA, THERIA_FAST_LAUNCH not 0)."""
-    return not (INTERPRET or _DISABLED)
+    """Whether launches are prepared and reused: on CUDA, THERIA_FAST_LAUNCH not 0, and not
+    while torch.compile traces (it captures `kernel[grid](...)` calls of user Triton kernels
+    itself, and its fake tensors have no data pointers)."""
+    return not (INTERPRET or _DISABLED or torch.compiler.is_compiling())
 
 
 class Prepared:
@@ -159,7 +161,7 @@ def launch(
     `args` are the runtime arguments in order, `consts` every constexpr the kernel has no default
     for plus num_warps / num_stages. Returns the launch as a `Prepared` (None under the
     interpreter or with THERIA_FAST_LAUNCH=0)."""
-    if INTERPRET or _DISABLED:
+    if not enabled():
         kernel[tuple(grid)](*args, **consts)
         return None
     fn = _base(kernel)
