@@ -9,8 +9,9 @@ backward through every attention call); iMAML solves the proximal inner problem 
 whose matvec is a Hessian-vector product (reverse-over-reverse by default). Tasks are
 processed one after another, so peak memory is that of one task's graph.
 
-Paths: `theria` (theria.sdpa backend auto: blockwise torch Functions on the CPU, Triton on
-CUDA), `reference` (theria's explicit composition), `sdpa_math` (PyTorch's math SDPA), and
+Paths: `theria` (theria.sdpa backend auto: the Triton kernels for float16/bfloat16 CUDA
+inputs, else the blockwise torch Functions), `theria_triton` (backend "triton"), `reference`
+(theria's explicit composition), `sdpa_math` (PyTorch's math SDPA), and
 `sdpa` (PyTorch's default dispatch: on the CPU its fused kernel has no double backward, so
 the step fails; listed to show it fails loudly). `rel err` is the meta-gradient's relative
 difference from the `reference` path's (same parameters, same tasks).
