@@ -45,6 +45,7 @@ from theria.attention import blockwise
 from theria.attention.api import warn_once
 from theria.attention.contract import Problem, canonicalize
 from theria.attention.kernels import first_order as K
+from theria.attention.kernels import precision
 from theria.attention.kernels.launch import enabled as fast_launch_enabled
 from theria.attention.kernels.launch import launch, layout_key
 
@@ -258,22 +259,6 @@ def _consts_cached(E: int, Ev: int, dtype: torch.dtype, mask_kind: int, causal: 
 
 def _consts(q: Tensor, v: Tensor, mask_kind: int, problem: Problem, L: int, S: int) -> dict:
     return dict(_consts_cached(q.shape[-1], v.shape[-1], q.dtype, mask_kind, problem.is_causal))
-
-
-def precision(dtype: torch.dtype, block_e: int) -> str:
-    """tl.dot's input_precision for inputs of `dtype` with padded head dims up to `block_e`.
-
-    float32 with heads up to 64 wide: three TF32 tensor-core products (Triton's "tf32x3": each
-    operand split into a TF32 head and tail, the tail·tail product dropped), which keeps float32
-    within the 2×-of-PyTorch error rule (plain TF32 would not) at tensor-core speed. IEEE float32
-    dots run on the FMA units: 3× slower for a forward + backward and 31× for an HVP at N=4096
-    on an H100, and their long FMA chains put the float32 JVP past the 2× rule there
-    (experiments/results/triton_first_order_h100.md, triton_hvp_h100.md). Wider float32 heads
-    keep IEEE dots: the second-order tf32x3 tiles overflow the shared memory at 128.
-    float64 (the interpreter's checks) is IEEE; for 16-bit inputs the option does not apply."""
-    if dtype == torch.float64 or (dtype == torch.float32 and block_e > 64):
-        return "ieee"
-    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _tune_n(L: int, S: int) -> int:

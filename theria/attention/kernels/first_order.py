@@ -30,7 +30,7 @@ Limits and conventions:
   float32 inputs use "tf32x3" dots for heads up to 64 wide (PREC: each operand split into a
   TF32 head and tail, three tensor-core products; IEEE float32 dots on the FMA units were 3×
   slower and their long FMA chains put the float32 JVP past 2× PyTorch's error on an H100) and
-  IEEE dots for wider heads (`triton_impl.precision`), and natural exp/log
+  IEEE dots for wider heads (`theria.attention.kernels.precision`), and natural exp/log
   (NATURAL=True): folding log2(e) into the scores would round
   s·log2(e) (an error ∝ |s|, not |s − max|) and round-trip lse through log2, which costs
   float32 its 2×-of-torch accuracy. On CUDA (ACCURATE=True) float32/float64 also take exp, log

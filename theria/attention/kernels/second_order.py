@@ -33,7 +33,7 @@ without a (*B, ...) copy. Masks keep their strides (a broadcast mask costs no me
 Limits: head dims E, Ev ≤ 256; float16/bfloat16 use tensor cores with fp32 accumulation;
 float32 uses "tf32x3" dots for heads up to 64 wide (three TF32 tensor-core products per
 multiply: float32 accuracy within the 2× rule, at tensor-core speed) and IEEE dots for wider
-ones (`triton_impl.precision`); float64 (for the
+ones (`theria.attention.kernels.precision`); float64 (for the
 interpreter tests) accumulates in float64. Rows whose every key is masked give zeros.
 """
 
@@ -50,6 +50,7 @@ from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
 from theria.attention.contract import Problem, _broadcast
+from theria.attention.kernels import precision as _precision
 from theria.attention.kernels.launch import enabled as fast_launch_enabled
 from theria.attention.kernels.launch import launch, layout_key
 
@@ -525,13 +526,6 @@ def _attn_hvp_dkdv(
 # ----------------------------------------------------------------------------------------------
 # Host side: checks, batch index tables, allocation, grids.
 # ----------------------------------------------------------------------------------------------
-
-
-def _precision(dtype: torch.dtype, block_e: int) -> str:
-    """The first-order kernels' rule (`theria.attention.triton_impl.precision`)."""
-    from theria.attention.triton_impl import precision
-
-    return precision(dtype, block_e)
 
 
 def _batch_index(shape: tuple[int, ...], batch: tuple[int, ...], device: torch.device) -> Tensor:
