@@ -15,6 +15,14 @@ inputs, else the blockwise torch Functions), `theria_triton` (backend "triton"),
 `sdpa` (PyTorch's default dispatch: on the CPU its fused kernel has no double backward, so
 the step fails; listed to show it fails loudly). `rel err` is the meta-gradient's relative
 difference from the `reference` path's (same parameters, same tasks).
+
+Below float64 (`--dtype float32|bfloat16|float16`), each path is also compared with a float64
+meta-gradient taken from the same (rounded) parameters and tasks: `err vs f64`. The float64
+truth comes from the `reference` path, or, where that runs out of memory (its L x S
+intermediates), from `theria_torch` (checked against `reference` by gradcheck in the tests);
+the table names which. `2x rule` holds when a theria path's error is at most twice the smallest
+error among the peers (`reference`, `sdpa_math`) in the same dtype: the accuracy criterion of
+the kernel benchmarks, applied to a whole meta-step.
 """
 
 from __future__ import annotations
@@ -63,7 +71,88 @@ def _rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return float((num / den).sqrt())
 
 
-def main(argv: list[str] | None = None) -> None:
+def _model(cfg: dict, path: str, device: torch.device, dtype: torch.dtype) -> Transformer:
+    """The transformer with attention `path`, the same initial parameters for every path (and
+    for the float64 truth: rounded to `dtype` first, then widened)."""
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(**cfg, attn=path)).to(device, dtype)
+    return model
+
+
+def _truth(algo, cfg: dict, tasks, device: torch.device, dtype: torch.dtype):
+    """(path name, meta-gradient) in float64 from the `dtype`-rounded parameters, or None."""
+    for path in ("reference", "theria_torch"):
+        model = _model(cfg, path, device, dtype).double()
+        params = algo.init_params(model)
+        print(f"  float64 truth through {path} ...", flush=True)
+        try:
+            return path, {k: g.detach() for k, g in algo(model, params, tasks).grads.items()}
+        except torch.OutOfMemoryError:
+            del model, params
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return None
+
+
+def _truth_columns(
+    rows: list[list], seq_len: int, algo_name: str, grads: dict, truth: dict, checks: list[str]
+) -> None:
+    """Adds `err vs f64` and `2x rule` to this (L, algo)'s rows; records each theria verdict."""
+    errs = {path: _rel(g, truth) for path, g in grads.items()}
+    peers = [errs[p] for p in ("reference", "sdpa_math") if p in errs]
+    bound = 2 * min(peers) if peers else None
+    for row in rows:
+        if row[:2] != [seq_len, algo_name] or len(row) != 7:
+            continue
+        path = row[2]
+        if path not in errs:
+            row += ["", ""]
+            continue
+        verdict = ""
+        if path.startswith("theria") and bound is not None:
+            verdict = "pass" if errs[path] <= bound else "FAIL"
+            checks.append(f"L={seq_len} {algo_name} {path} {verdict}")
+        row += [f"{errs[path]:.1e}", verdict]
+
+
+def _truth_text(dtype: torch.dtype, truths: dict[tuple[int, str], str]) -> str:
+    if not truths:
+        return ""
+    used = sorted(set(truths.values()))
+    return (
+        "`err vs f64`: relative difference from a float64 meta-gradient taken from the same "
+        f"{str(dtype).removeprefix('torch.')}-rounded parameters (float64 truth through "
+        + ", ".join(f"`{u}`" for u in used)
+        + (
+            ": " + ", ".join(f"L={L} {a}: {t}" for (L, a), t in truths.items())
+            if len(used) > 1
+            else ""
+        )
+        + "). `2x rule`: a theria path's `err vs f64` is at most twice the smallest of the "
+        "peers' (`reference`, `sdpa_math`) in the same dtype."
+    )
+
+
+def _reproduce(args: argparse.Namespace, ap: argparse.ArgumentParser) -> str:
+    """The command-line flags that differ from the defaults (and always the device)."""
+    parts = [f"--device {args.device}"]
+    for action in ap._actions:
+        if action.dest in ("help", "device", "out", "name"):
+            continue
+        value = getattr(args, action.dest)
+        if value == action.default:
+            continue
+        flag = action.option_strings[0]
+        if isinstance(value, bool):
+            parts.append(flag)
+        elif isinstance(value, list):
+            parts.append(f"{flag} {' '.join(map(str, value))}")
+        else:
+            parts.append(f"{flag} {value}")
+    return " ".join(parts)
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m theria.bench meta",
         description=__doc__,
@@ -81,11 +170,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cg-iters", type=int, default=3)
     ap.add_argument("--algos", nargs="+", default=["maml", "imaml"])
     ap.add_argument("--paths", nargs="+", default=["theria", "reference", "sdpa_math", "sdpa"])
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    ap.add_argument(
+        "--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"]
+    )
+    ap.add_argument(
+        "--no-truth", action="store_true", help="skip the float64 meta-gradient (err vs f64)"
+    )
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: unchanged)")
     ap.add_argument("--out", default=None, help="results folder (default experiments/results)")
     ap.add_argument("--name", default=None, help="result file name (default meta_step_<device>)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = _parser()
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -99,7 +198,10 @@ def main(argv: list[str] | None = None) -> None:
             if _track_cpu_memory()
             else "glibc mallopt unavailable: peaks are lower bounds"
         )
-    rows, summary = [], {}
+    rows: list[list] = []
+    summary: dict[tuple, dict[str, float]] = {}
+    truths: dict[tuple[int, str], str] = {}
+    checks: list[str] = []
     for seq_len in args.seq_lens:
         sampler = MarkovChainTasks(
             vocab_size=args.vocab, seq_len=seq_len, k_shot=args.shots, k_query=args.shots
@@ -116,10 +218,13 @@ def main(argv: list[str] | None = None) -> None:
         )
         for algo_name in args.algos:
             algo = _algo(algo_name, args)
-            grads = {}
+            grads: dict[str, dict[str, torch.Tensor]] = {}
+            truth = None
+            if dtype != torch.float64 and not args.no_truth:
+                truth = _truth(algo, cfg, tasks, device, dtype)
+                truths[(seq_len, algo_name)] = "none (out of memory)" if truth is None else truth[0]
             for path in sorted(args.paths, key=lambda p: p != "reference"):  # reference first
-                torch.manual_seed(0)  # the same initial parameters for every path
-                model = Transformer(TransformerConfig(**cfg, attn=path)).to(device, dtype)
+                model = _model(cfg, path, device, dtype)
                 params = algo.init_params(model)
                 print(f"L={seq_len} {algo_name} {path} ...", flush=True)
                 last = {}
@@ -131,18 +236,22 @@ def main(argv: list[str] | None = None) -> None:
                     m = measure(step, device, args.repeats)
                 except RuntimeError as e:  # a path that cannot take the step is a result
                     first = str(e).split(":")[0]
-                    rows.append([seq_len, algo_name, path, "fails", "", "", first[:60]])
+                    rows.append([seq_len, algo_name, path, "fails", "", "", first[:60], "", ""])
                     continue
-                if "grads" in last:
-                    grads[path] = last["grads"]
-                ref = grads.get("reference")
-                err = None if ref is None or path not in grads else _rel(grads[path], ref)
                 if "oom" in m:
-                    rows.append([seq_len, algo_name, path, "OOM", "", "", ""])
+                    rows.append([seq_len, algo_name, path, "OOM", "", "", "", "", ""])
                     continue
+                grads[path] = last["grads"]
+                ref = grads.get("reference")
+                err = "" if ref is None else f"{_rel(grads[path], ref):.1e}"
                 summary[(seq_len, algo_name, path)] = m
-                err_s = "" if err is None else f"{err:.1e}"
-                rows.append([seq_len, algo_name, path, m["ms"], m["ms_min"], m["peak_mb"], err_s])
+                rows.append([seq_len, algo_name, path, m["ms"], m["ms_min"], m["peak_mb"], err])
+            if truth is not None:
+                _truth_columns(rows, seq_len, algo_name, grads, truth[1], checks)
+            else:
+                for row in rows:
+                    if row[:2] == [seq_len, algo_name] and len(row) == 7:
+                        row += ["", ""]
     ratio_rows = []
     for seq_len in args.seq_lens:
         for algo_name in args.algos:
@@ -172,13 +281,28 @@ def main(argv: list[str] | None = None) -> None:
             if device.type == "cuda"
             else "resident memory above the level before the step (sampled)"
         )
-        + ". `rel err`: the meta-gradient's relative difference from the `reference` path's.\n\n"
-        + markdown_table(["L", "algo", "attn", "median ms", "min ms", "peak MB", "rel err"], rows)
+        + ". `rel err`: the meta-gradient's relative difference from the `reference` path's "
+        "in the same dtype. "
+        + _truth_text(dtype, truths)
+        + "\n\n"
+        + markdown_table(
+            [
+                "L",
+                "algo",
+                "attn",
+                "median ms",
+                "min ms",
+                "peak MB",
+                "rel err",
+                "err vs f64",
+                "2x rule",
+            ],
+            rows,
+        )
         + "\n\nRatios (below 1: theria is faster / uses less memory):\n\n"
         + markdown_table(["L", "algo", "ratio", "time", "peak memory"], ratio_rows)
-        + f"\n\nReproduce: `python -m theria.bench meta --device {device.type} --seq-lens "
-        + " ".join(map(str, args.seq_lens))
-        + (f" --threads {args.threads}`" if args.threads else "`")
+        + (f"\n\n2x rule: {'; '.join(checks)}." if checks else "")
+        + f"\n\nReproduce: `python -m theria.bench meta {_reproduce(args, ap)}`"
     )
     write_result(
         args.name or f"meta_step_{device.type}",

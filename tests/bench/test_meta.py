@@ -1,0 +1,44 @@
+"""The meta-step benchmark end to end on a tiny transformer (its table is a committed result)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+from theria.bench import meta
+
+ARGS = ["--seq-lens", "24", "--dim", "16", "--depth", "1", "--heads", "2", "--tasks", "1"]
+ARGS += ["--shots", "1", "--cg-iters", "2", "--repeats", "1"]
+
+
+def _rows(text: str) -> dict[tuple[str, str], list[str]]:
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 9 and cells[0] == "24":
+            rows[(cells[1], cells[2])] = cells[3:]
+    return rows
+
+
+def test_meta_bench_table(tmp_path, capsys):
+    meta.main([*ARGS, "--out", str(tmp_path), "--name", "m"])
+    text = (tmp_path / "m.md").read_text()
+    rows = _rows(text)
+    for algo in ("maml", "imaml"):
+        assert rows[(algo, "sdpa")][0] == "fails"  # CPU fused SDPA: no double backward
+        for path in ("reference", "theria", "sdpa_math"):
+            ms, _, peak, rel, f64, verdict = rows[(algo, path)]
+            assert float(ms) > 0 and float(peak) >= 0
+            # float32 against the float64 truth from the same parameters: a few ulps of the
+            # meta-gradient's scale, far below anything a wrong derivative would give
+            assert float(f64) < 1e-4, (algo, path, f64)
+            assert float(rel) < 1e-4
+            assert verdict in (("pass", "FAIL") if path == "theria" else ("",))
+    assert "float64 truth through `reference`" in text
+    # the reproduce line names every flag that differs from the defaults, and parses back
+    line = re.search(r"Reproduce: `python -m theria.bench meta (.*)`", text).group(1)
+    assert meta._reproduce(_parse(shlex.split(line)), meta._parser()) == line
+
+
+def _parse(argv: list[str]):
+    return meta._parser().parse_args(argv)
