@@ -311,10 +311,23 @@ def test_tile_shrinks_when_shared_memory_overflows(so, monkeypatch) -> None:
 
     monkeypatch.setattr(so, "INTERPRET", False)
     monkeypatch.setitem(so.CONFIGS, "dq", {64: (128, 64, 8, 3, False)})
+    monkeypatch.setattr(so, "CONFIGS_FLOAT32", {})
     monkeypatch.setattr(so, "_fitted", {})
     with pytest.warns(RuntimeWarning, match="does not fit in shared memory"):
         so._launch(FakeKernel(), "dq", 32, 4, 100, 3, [], {})  # float32, E=32: key 64
     # (128, 64, 3) -> stages 2 -> BLOCK_M 64 -> 32 -> BLOCK_N 32: the first that fits
     assert launched == [((3 * 4,), 32, 32, 2)]
-    assert so._fitted[("dq", 64)] == (32, 32, 8, 2, False)
+    assert so._fitted[("dq", 64, 4)] == (32, 32, 8, 2, False)
+    # remembered for float32 only: bfloat16 with the same row bytes (E=64) keeps its table entry
+    assert so._config("dq", 32, 4) == (64, (32, 32, 8, 2, False))
+    assert so._config("dq", 64, 2) == (64, (128, 64, 8, 3, False))
     assert so._shrink((16, 16, 4, 1, False)) is None
+
+
+def test_float32_configurations_override_the_table(so, monkeypatch) -> None:
+    monkeypatch.setattr(so, "INTERPRET", False)
+    monkeypatch.setattr(so, "_fitted", {})
+    key, cfg = so._config("dq", 64, 4)  # float32, head dim 64: 128 bytes/2 per row
+    assert (key, cfg) == (128, so.CONFIGS_FLOAT32["dq"][128])
+    assert so._config("dq", 128, 2) == (128, so.CONFIGS["dq"][128])  # bf16, same row bytes
+    assert so._config("rowstats", 64, 4) == (128, so.CONFIGS["rowstats"][128])

@@ -72,10 +72,15 @@ CONFIGS: dict[str, dict[int, Config]] = {
     "dq": {64: (128, 64, 8, 3, False), 128: (64, 32, 4, 3, False), 256: (32, 32, 4, 2, False)},
     "dkdv": {64: (64, 128, 8, 3, True), 128: (32, 64, 4, 3, False), 256: (16, 32, 4, 2, False)},
 }
+# float32 entries that differ (tf32x3 dots split each operand in two, so the tiles hold more):
+# dq at head dim 64 with a dO tangent (the forward-over-reverse HVP) does not fit three stages
+# in an H100's shared memory (tests/attention/test_launch.py on the H100 announced the shrink).
+CONFIGS_FLOAT32: dict[str, dict[int, Config]] = {"dq": {128: (64, 32, 4, 2, False)}}
 # The interpreter: the smallest tiles tl.dot takes (16), with BLOCK_M != BLOCK_N so that a
 # mixed-up tile axis cannot pass the CPU tests.
 INTERPRET_CONFIG: Config = (16, 32, 1, 1, True)
-_fitted: dict[tuple[str, int], Config] = {}  # configurations shrunk to fit, per (kernel, key)
+# Configurations shrunk to fit at launch, per (kernel, table key, element size).
+_fitted: dict[tuple[str, int, int], Config] = {}
 
 
 def _config(kernel: str, block_e: int, itemsize: int) -> tuple[int, Config]:
@@ -86,7 +91,9 @@ def _config(kernel: str, block_e: int, itemsize: int) -> tuple[int, Config]:
     table = CONFIGS[kernel]
     width = block_e * itemsize // 2
     key = min((d for d in table if d >= width), default=max(table))
-    return key, _fitted.get((kernel, key), table[key])
+    if itemsize == 4:
+        table = {**table, **CONFIGS_FLOAT32.get(kernel, {})}
+    return key, _fitted.get((kernel, key, itemsize), table[key])
 
 
 def _shrink(cfg: Config) -> Config | None:
@@ -120,12 +127,12 @@ def _launch(kernel, name: str, block_e: int, itemsize: int, rows: int, z: int, a
             from theria.attention.api import warn_once
 
             warn_once(
-                f"triton-hvp-shrink:{name}:{key}",
+                f"triton-hvp-shrink:{name}:{key}:{itemsize}",
                 f"theria second-order kernel {name}: tile configuration {cfg} does not fit in "
                 f"shared memory for this head dim and dtype; using {smaller} (slower). Set "
                 "kernels.second_order.CONFIGS for this GPU.",
             )
-            cfg = _fitted[(name, key)] = smaller
+            cfg = _fitted[(name, key, itemsize)] = smaller
 
 
 # ----------------------------------------------------------------------------------------------
