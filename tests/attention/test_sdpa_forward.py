@@ -183,3 +183,27 @@ def test_error_names_shapes() -> None:
     with pytest.raises(ValueError) as e:
         theria.sdpa(torch.randn(2, 4), torch.randn(3, 5), torch.randn(3, 4))
     assert "(2, 4)" in str(e.value) and "(3, 5)" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "head", "triton_ok", "want"),
+    [
+        (torch.bfloat16, 128, True, "triton"),
+        (torch.float16, 256, True, "triton"),
+        (torch.float32, 40, True, "triton"),  # pads to 64: tf32x3 dots
+        (torch.float32, 64, True, "triton"),
+        (torch.float32, 72, True, "torch"),  # pads to 128: IEEE dots, slower than cuBLAS
+        (torch.float64, 16, True, "torch"),
+        (torch.bfloat16, 64, False, "torch"),  # CPU tensors, or no Triton
+        (torch.float32, 64, False, "torch"),
+    ],
+)
+def test_auto_backend_choice(dtype, head, triton_ok, want) -> None:
+    from theria.attention.api import auto_backend
+    from theria.attention.kernels import TF32X3_MAX_HEAD, precision
+
+    assert auto_backend(dtype, head, triton_ok) == want
+    if dtype == torch.float32 and triton_ok:  # the float32 rule follows the kernels' dot rule
+        padded = max(16, 1 << (head - 1).bit_length())
+        assert (want == "triton") == (precision(dtype, padded) == "tf32x3")
+        assert (want == "triton") == (padded <= TF32X3_MAX_HEAD)

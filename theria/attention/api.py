@@ -45,6 +45,30 @@ def _triton_usable(q: Tensor) -> bool:
     return True
 
 
+def auto_backend(dtype: torch.dtype, head_dim: int, triton_ok: bool) -> str:
+    """The backend ``"auto"`` picks for inputs of `dtype` whose widest head dim (E or Ev) is
+    `head_dim`, where `triton_ok` says the inputs are on CUDA and Triton imports.
+
+    - float16 / bfloat16: ``triton``.
+    - float32 with heads up to 64 wide (padded): ``triton``. The kernels' tf32x3 dots keep
+      float32 within the 2x-of-PyTorch error rule. On an H100 they make a MAML or iMAML
+      meta-step 3.5-4.8x faster than the torch backend at L >= 4096
+      (experiments/results/meta_step_cuda_fp32.md).
+    - wider float32 heads: ``torch``. The kernels fall back to IEEE dots on the FMA units
+      there, which are slower than cuBLAS (kernels.precision).
+    - float64 and everything off CUDA: ``torch``.
+    """
+    from theria.attention.kernels import TF32X3_MAX_HEAD
+
+    if not triton_ok:
+        return "torch"
+    if dtype in (torch.float16, torch.bfloat16):
+        return "triton"
+    if dtype == torch.float32 and max(16, 1 << (head_dim - 1).bit_length()) <= TF32X3_MAX_HEAD:
+        return "triton"
+    return "torch"
+
+
 def sdpa(
     query: Tensor,
     key: Tensor,
@@ -84,7 +108,8 @@ def sdpa(
             ``"torch"`` (blockwise autograd Functions, O(L·block) extra memory, exact first
             and second derivatives in every mode), ``"triton"`` (the same as Triton kernels;
             CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"auto"`` (``triton`` for float16 /
-            bfloat16 CUDA tensors when Triton imports, else ``torch``).
+            bfloat16 CUDA tensors, and float32 ones with heads up to 64 wide, when Triton
+            imports; else ``torch``; see `auto_backend`).
         block_size: keys per block for the ``torch`` backend.
 
     Returns:
@@ -97,12 +122,8 @@ def sdpa(
     )
     chosen = backend
     if backend == "auto":
-        # Triton for 16-bit CUDA inputs. float32 stays on the torch backend: its kernels use
-        # tf32x3 dots (within the 2x accuracy rule, 1.7x faster than the torch backend for an
-        # HVP at D=64 on an H100) but IEEE dots for heads wider than 64, which are slow
-        # (experiments/results/triton_hvp_h100.md); float64 has no kernel.
-        half = query.dtype in (torch.float16, torch.bfloat16)
-        chosen = "triton" if half and _triton_usable(query) else "torch"
+        head = max(c.q.shape[-1], c.v.shape[-1])
+        chosen = auto_backend(query.dtype, head, query.is_cuda and _triton_usable(query))
     if chosen != "reference":
         reason = None
         if c.problem.dropout_p > 0.0:

@@ -9,12 +9,12 @@ backward through every attention call); iMAML solves the proximal inner problem 
 whose matvec is a Hessian-vector product (reverse-over-reverse by default). Tasks are
 processed one after another, so peak memory is that of one task's graph.
 
-Paths: `theria` (theria.sdpa backend auto: the Triton kernels for float16/bfloat16 CUDA
-inputs, else the blockwise torch Functions), `theria_triton` (backend "triton"), `reference`
-(theria's explicit composition), `sdpa_math` (PyTorch's math SDPA), and
-`sdpa` (PyTorch's default dispatch: on the CPU its fused kernel has no double backward, so
-the step fails; listed to show it fails loudly). `rel err` is the meta-gradient's relative
-difference from the `reference` path's (same parameters, same tasks).
+Paths: `theria` (theria.sdpa backend auto: the Triton kernels for CUDA inputs in 16-bit, or
+in float32 with heads up to 64 wide, else the blockwise torch Functions), `theria_triton`
+(backend "triton"), `reference` (theria's explicit composition), `sdpa_math` (PyTorch's
+math SDPA), and `sdpa` (PyTorch's default dispatch: its fused kernels have no double
+backward, so the step fails; listed to show it fails loudly). `rel err` is the
+meta-gradient's relative difference from the `reference` path's (same parameters, same tasks).
 
 Below float64 (`--dtype float32|bfloat16|float16`), each path is also compared with a float64
 meta-gradient taken from the same (rounded) parameters and tasks: `err vs f64`. The float64
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     for seq_len in args.seq_lens:
         for algo_name in args.algos:
             ours = summary.get((seq_len, algo_name, "theria"))
-            for peer in ("reference", "sdpa_math"):
+            for peer in ("theria_torch", "reference", "sdpa_math"):
                 other = summary.get((seq_len, algo_name, peer))
                 if ours and other:
                     ratio_rows.append(

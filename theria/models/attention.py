@@ -1,6 +1,7 @@
 """Attention paths a model can be built with, by name.
 
-    theria         theria.sdpa, backend "auto" (Triton for 16-bit CUDA inputs, else "torch")
+    theria         theria.sdpa, backend "auto" (Triton for CUDA inputs in 16-bit, or float32
+                   with heads up to 64 wide; else "torch")
     theria_torch   theria.sdpa, backend "torch" (blockwise autograd Functions)
     theria_triton  theria.sdpa, backend "triton" (CUDA, or the CPU under TRITON_INTERPRET=1)
     reference      theria.sdpa, backend "reference" (explicit composition; the oracle)

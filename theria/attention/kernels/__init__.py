@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+TF32X3_MAX_HEAD = 64  # widest padded float32 head dim that gets tf32x3 dots (see precision)
+
 
 def precision(dtype: torch.dtype, block_e: int) -> str:
     """tl.dot's input_precision for inputs of `dtype` with padded head dims up to `block_e`.
@@ -25,6 +27,6 @@ def precision(dtype: torch.dtype, block_e: int) -> str:
     keep IEEE dots: the second-order tf32x3 tiles overflow the shared memory at 128. Shared by
     the first- and second-order kernels.
     float64 (the interpreter's checks) is IEEE; for 16-bit inputs the option does not apply."""
-    if dtype == torch.float64 or (dtype == torch.float32 and block_e > 64):
+    if dtype == torch.float64 or (dtype == torch.float32 and block_e > TF32X3_MAX_HEAD):
         return "ieee"
     return "tf32x3" if dtype == torch.float32 else "tf32"
