@@ -127,7 +127,8 @@ def main() -> None:
         f"# Experiment (3): one MAML run, three attention paths ({args.device})",
         "",
         f"{shape}. The app's run (attn=theria, {cfg.steps} meta-steps, reduced scale) took "
-        f"{res['train_time_s'] / cfg.steps:.2f} s per step. Measured on {machine()}.",
+        f"{res['train_time_s'] / cfg.steps:.2f} s per step on average, start-up included (on "
+        f"CUDA: Triton's kernel compilation). Measured on {machine()}.",
         "",
         "## Meta-gradients against attn=reference (same parameters, same tasks)",
         "",
