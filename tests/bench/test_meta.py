@@ -6,6 +6,7 @@ import re
 import shlex
 
 from theria.bench import meta
+from theria.bench.common import command_line
 
 ARGS = ["--seq-lens", "24", "--dim", "16", "--depth", "1", "--heads", "2", "--tasks", "1"]
 ARGS += ["--shots", "1", "--cg-iters", "2", "--repeats", "1"]
@@ -37,8 +38,9 @@ def test_meta_bench_table(tmp_path, capsys):
     assert "float64 truth through `reference`" in text
     # the reproduce line names every flag that differs from the defaults, and parses back
     line = re.search(r"Reproduce: `python -m theria.bench meta (.*)`", text).group(1)
-    assert meta._reproduce(_parse(shlex.split(line)), meta._parser()) == line
-
-
-def _parse(argv: list[str]):
-    return meta._parser().parse_args(argv)
+    again = meta._parser().parse_args(shlex.split(line))
+    assert (
+        command_line("python -m theria.bench meta", again, meta._parser())
+        == f"python -m theria.bench meta {line}"
+    )
+    assert line.startswith("--device cpu --seq-lens 24 --dim 16 --depth 1 --heads 2")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import gc
 import resource
 import statistics
@@ -15,7 +16,14 @@ import torch
 
 from theria._environment import environment
 
-__all__ = ["RESULTS_DIR", "environment", "markdown_table", "measure", "write_result"]
+__all__ = [
+    "RESULTS_DIR",
+    "command_line",
+    "environment",
+    "markdown_table",
+    "measure",
+    "write_result",
+]
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "experiments" / "results"
 
@@ -138,3 +146,31 @@ def write_result(
     print(text)
     print(f"written: {path}")
     return path
+
+
+def command_line(
+    prog: str,
+    args: argparse.Namespace,
+    parser: argparse.ArgumentParser,
+    always: Sequence[str] = ("device",),
+    omit: Sequence[str] = ("out", "name"),
+) -> str:
+    """`prog` with the flags that reproduce `args`: every option whose value differs from its
+    default, plus the `always` ones that exist; `omit` (where results go) never."""
+    parts = [prog]
+    for action in parser._actions:
+        dest = action.dest
+        if not action.option_strings or dest == "help" or dest in omit:
+            continue
+        value = getattr(args, dest)
+        if value == action.default and dest not in always:
+            continue
+        flag = action.option_strings[0]
+        if isinstance(value, bool):
+            if value:
+                parts.append(flag)
+        elif isinstance(value, list):
+            parts.append(" ".join([flag, *map(str, value)]))
+        else:
+            parts.append(f"{flag} {value}")
+    return " ".join(parts)

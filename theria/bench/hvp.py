@@ -39,7 +39,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import theria
 from theria import autodiff
-from theria.bench.common import environment, markdown_table, measure, write_result
+from theria.bench.common import command_line, environment, markdown_table, measure, write_result
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MATMULS = {"rev_rev": 27, "fwd_rev": 29, "fwd+bwd": 7}  # per 2·B·H·N²·D FLOPs; see docstring
@@ -329,7 +329,14 @@ def main(argv: list[str] | None = None) -> None:
             + _targets(summary)
         )
         tail = f"Total wall time {time.time() - t_start:.0f} s" + ("." if final else " (partial).")
-        body = "\n\n".join([table, *sections, tail, "Reproduce: `python -m theria.bench hvp`"])
+        body = "\n\n".join(
+            [
+                table,
+                *sections,
+                tail,
+                f"Reproduce: `{command_line('python -m theria.bench hvp', args, ap)}`",
+            ]
+        )
         out = None if args.out is None else Path(args.out)
         title = "HVP through one attention call, Triton kernels on CUDA"
         if final:

@@ -33,7 +33,13 @@ from pathlib import Path
 import torch
 
 from theria.algos import IMAML, MAML
-from theria.bench.common import environment, markdown_table, measure, write_result
+from theria.bench.common import (
+    command_line,
+    environment,
+    markdown_table,
+    measure,
+    write_result,
+)
 from theria.models import Transformer, TransformerConfig
 from theria.tasks import MarkovChainTasks
 
@@ -131,25 +137,6 @@ def _truth_text(dtype: torch.dtype, truths: dict[tuple[int, str], str]) -> str:
         + "). `2x rule`: a theria path's `err vs f64` is at most twice the smallest of the "
         "peers' (`reference`, `sdpa_math`) in the same dtype."
     )
-
-
-def _reproduce(args: argparse.Namespace, ap: argparse.ArgumentParser) -> str:
-    """The command-line flags that differ from the defaults (and always the device)."""
-    parts = [f"--device {args.device}"]
-    for action in ap._actions:
-        if action.dest in ("help", "device", "out", "name"):
-            continue
-        value = getattr(args, action.dest)
-        if value == action.default:
-            continue
-        flag = action.option_strings[0]
-        if isinstance(value, bool):
-            parts.append(flag)
-        elif isinstance(value, list):
-            parts.append(f"{flag} {' '.join(map(str, value))}")
-        else:
-            parts.append(f"{flag} {value}")
-    return " ".join(parts)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -302,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         + "\n\nRatios (below 1: theria is faster / uses less memory):\n\n"
         + markdown_table(["L", "algo", "ratio", "time", "peak memory"], ratio_rows)
         + (f"\n\n2x rule: {'; '.join(checks)}." if checks else "")
-        + f"\n\nReproduce: `python -m theria.bench meta {_reproduce(args, ap)}`"
+        + f"\n\nReproduce: `{command_line('python -m theria.bench meta', args, ap)}`"
     )
     write_result(
         args.name or f"meta_step_{device.type}",
