@@ -207,3 +207,13 @@ def test_auto_backend_choice(dtype, head, triton_ok, want) -> None:
         padded = max(16, 1 << (head - 1).bit_length())
         assert (want == "triton") == (precision(dtype, padded) == "tf32x3")
         assert (want == "triton") == (padded <= TF32X3_MAX_HEAD)
+
+
+def test_explicit_triton_warns_where_auto_avoids_it() -> None:
+    from theria.attention.api import _slow_triton
+
+    msg = _slow_triton(torch.float32, 72, True)
+    assert msg is not None and "head dim 72" in msg and "backend='torch'" in msg
+    assert _slow_triton(torch.float32, 64, True) is None  # tf32x3: fast
+    assert _slow_triton(torch.bfloat16, 128, True) is None
+    assert _slow_triton(torch.float32, 128, False) is None  # the interpreter: speed is moot

@@ -69,6 +69,19 @@ def auto_backend(dtype: torch.dtype, head_dim: int, triton_ok: bool) -> str:
     return "torch"
 
 
+def _slow_triton(dtype: torch.dtype, head_dim: int, is_cuda: bool) -> str | None:
+    """The warning for an explicit backend='triton' call that `auto` would not send to the
+    kernels because they are slow there (float32 heads wider than 64 on CUDA), else None."""
+    if not is_cuda or dtype != torch.float32 or auto_backend(dtype, head_dim, True) == "triton":
+        return None
+    return (
+        f"theria.sdpa(backend='triton'): float32 with head dim {head_dim} (> 64) runs IEEE "
+        "float32 dots on the FMA units: 20-45x slower than backend='torch' for an HVP on an "
+        "H100 (experiments/results/triton_hvp_h100_d128.md). backend='auto' picks 'torch' for "
+        "such inputs."
+    )
+
+
 def sdpa(
     query: Tensor,
     key: Tensor,
@@ -154,6 +167,9 @@ def sdpa(
                 "theria.sdpa: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run "
                 f"the kernels on the CPU); got query on {query.device}"
             )
+        slow = _slow_triton(query.dtype, max(c.q.shape[-1], c.v.shape[-1]), query.is_cuda)
+        if slow is not None:
+            warn_once("triton-fp32-wide-head", slow)
         out = attention(c.q, c.k, c.v, c.mask, c.problem, _triton_impl())
     return c.restore(out)
 
