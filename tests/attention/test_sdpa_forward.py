@@ -186,27 +186,50 @@ def test_error_names_shapes() -> None:
 
 
 @pytest.mark.parametrize(
-    ("dtype", "head", "triton_ok", "want"),
+    ("dtype", "head", "batch", "triton_ok", "want"),
     [
-        (torch.bfloat16, 128, True, "triton"),
-        (torch.float16, 256, True, "triton"),
-        (torch.float32, 40, True, "triton"),  # pads to 64: tf32x3 dots
-        (torch.float32, 64, True, "triton"),
-        (torch.float32, 72, True, "torch"),  # pads to 128: IEEE dots, slower than cuBLAS
-        (torch.float64, 16, True, "torch"),
-        (torch.bfloat16, 64, False, "torch"),  # CPU tensors, or no Triton
-        (torch.float32, 64, False, "torch"),
+        (torch.bfloat16, 128, 32, True, "triton"),
+        (torch.float16, 100, 32, True, "triton"),
+        (torch.bfloat16, 129, 32, True, "torch"),  # wider than the kernels take
+        (torch.float32, 40, 32, True, "triton"),  # pads to 64: tf32x3 dots
+        (torch.float32, 64, 32, True, "triton"),
+        (torch.float32, 72, 32, True, "torch"),  # pads to 128: IEEE dots, 20-45x slower
+        (torch.float64, 16, 32, True, "torch"),
+        (torch.bfloat16, 64, 65535, True, "triton"),
+        (torch.bfloat16, 64, 65536, True, "torch"),  # beyond CUDA's grid axis 1
+        (torch.float32, 64, 65536, True, "torch"),
+        (torch.bfloat16, 64, 32, False, "torch"),  # CPU tensors, or no Triton
+        (torch.float32, 64, 32, False, "torch"),
     ],
 )
-def test_auto_backend_choice(dtype, head, triton_ok, want) -> None:
+def test_auto_backend_choice(dtype, head, batch, triton_ok, want) -> None:
     from theria.attention.api import auto_backend
     from theria.attention.kernels import TF32X3_MAX_HEAD, precision
 
-    assert auto_backend(dtype, head, triton_ok) == want
-    if dtype == torch.float32 and triton_ok:  # the float32 rule follows the kernels' dot rule
-        padded = max(16, 1 << (head - 1).bit_length())
+    asked = []
+
+    def ok() -> bool:
+        asked.append(1)
+        return triton_ok
+
+    assert auto_backend(dtype, head, batch, ok) == want
+    if dtype == torch.float64:
+        assert not asked  # float64 never imports Triton to decide
+    if dtype == torch.float32 and triton_ok and batch < 65536:
+        padded = max(16, 1 << (head - 1).bit_length())  # the float32 rule is the kernels' rule
         assert (want == "triton") == (precision(dtype, padded) == "tf32x3")
         assert (want == "triton") == (padded <= TF32X3_MAX_HEAD)
+
+
+def test_triton_backend_sends_batches_beyond_the_grid_to_blockwise_code() -> None:
+    from theria.attention import triton_impl
+
+    q = torch.empty(1, 1, 16).expand(65536, 1, 16)  # shapes only: nothing is allocated
+    why = triton_impl._unsupported(q, q, q)
+    assert why is not None and "65536" in why and "65535" in why
+    assert triton_impl._unsupported(q[:65535], q[:65535], q[:65535]) is None
+    k = torch.empty(1, 1, 16).expand(256, 1, 1, 16)  # broadcast batch: 256 x 256
+    assert triton_impl._unsupported(q[:256], k, k) is not None
 
 
 def test_explicit_triton_warns_where_auto_avoids_it() -> None:
@@ -217,3 +240,4 @@ def test_explicit_triton_warns_where_auto_avoids_it() -> None:
     assert _slow_triton(torch.float32, 64, True) is None  # tf32x3: fast
     assert _slow_triton(torch.bfloat16, 128, True) is None
     assert _slow_triton(torch.float32, 128, False) is None  # the interpreter: speed is moot
+    assert _slow_triton(torch.float32, 129, True) is None  # blockwise code: not the kernels

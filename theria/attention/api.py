@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -45,9 +46,12 @@ def _triton_usable(q: Tensor) -> bool:
     return True
 
 
-def auto_backend(dtype: torch.dtype, head_dim: int, triton_ok: bool) -> str:
+def auto_backend(
+    dtype: torch.dtype, head_dim: int, batch: int, triton_ok: Callable[[], bool]
+) -> str:
     """The backend ``"auto"`` picks for inputs of `dtype` whose widest head dim (E or Ev) is
-    `head_dim`, where `triton_ok` says the inputs are on CUDA and Triton imports.
+    `head_dim` and whose flattened batch has `batch` entries; `triton_ok()` (called only when
+    the rule would pick the kernels) says the inputs are on CUDA and Triton imports.
 
     - float16 / bfloat16: ``triton``.
     - float32 with heads up to 64 wide (padded): ``triton``. The kernels' tf32x3 dots keep
@@ -55,24 +59,27 @@ def auto_backend(dtype: torch.dtype, head_dim: int, triton_ok: bool) -> str:
       meta-step 3.5-4.8x faster than the torch backend at L >= 4096
       (experiments/results/meta_step_cuda_fp32.md).
     - wider float32 heads: ``torch``. The kernels fall back to IEEE dots on the FMA units
-      there, which are slower than cuBLAS (kernels.precision).
-    - float64 and everything off CUDA: ``torch``.
+      there, 20-45x slower than the torch backend (experiments/results/triton_hvp_h100_d128.md).
+    - float64, heads wider than the kernels take, batches beyond the kernels' grid, and
+      everything off CUDA: ``torch``.
     """
-    from theria.attention.kernels import TF32X3_MAX_HEAD
+    from theria.attention.kernels import MAX_GRID_BATCH, MAX_HEAD_DIM, TF32X3_MAX_HEAD
 
-    if not triton_ok:
-        return "torch"
+    padded = max(16, 1 << (head_dim - 1).bit_length())
     if dtype in (torch.float16, torch.bfloat16):
-        return "triton"
-    if dtype == torch.float32 and max(16, 1 << (head_dim - 1).bit_length()) <= TF32X3_MAX_HEAD:
-        return "triton"
-    return "torch"
+        fits = padded <= MAX_HEAD_DIM
+    else:
+        fits = dtype == torch.float32 and padded <= TF32X3_MAX_HEAD
+    return "triton" if fits and batch <= MAX_GRID_BATCH and triton_ok() else "torch"
 
 
 def _slow_triton(dtype: torch.dtype, head_dim: int, is_cuda: bool) -> str | None:
-    """The warning for an explicit backend='triton' call that `auto` would not send to the
-    kernels because they are slow there (float32 heads wider than 64 on CUDA), else None."""
-    if not is_cuda or dtype != torch.float32 or auto_backend(dtype, head_dim, True) == "triton":
+    """The warning for an explicit backend='triton' call that runs the kernels where they are
+    slow (float32 heads of 65-128 on CUDA: IEEE dots), else None."""
+    from theria.attention.kernels import MAX_HEAD_DIM, TF32X3_MAX_HEAD
+
+    padded = max(16, 1 << (head_dim - 1).bit_length())
+    if not is_cuda or dtype != torch.float32 or not TF32X3_MAX_HEAD < padded <= MAX_HEAD_DIM:
         return None
     return (
         f"theria.sdpa(backend='triton'): float32 with head dim {head_dim} (> 64) runs IEEE "
@@ -136,7 +143,10 @@ def sdpa(
     chosen = backend
     if backend == "auto":
         head = max(c.q.shape[-1], c.v.shape[-1])
-        chosen = auto_backend(query.dtype, head, query.is_cuda and _triton_usable(query))
+        batch = torch.broadcast_shapes(c.q.shape[:-2], c.k.shape[:-2]).numel()
+        chosen = auto_backend(
+            query.dtype, head, batch, lambda: query.is_cuda and _triton_usable(query)
+        )
     if chosen != "reference":
         reason = None
         if c.problem.dropout_p > 0.0:
@@ -170,7 +180,13 @@ def sdpa(
         slow = _slow_triton(query.dtype, max(c.q.shape[-1], c.v.shape[-1]), query.is_cuda)
         if slow is not None:
             warn_once("triton-fp32-wide-head", slow)
-        out = attention(c.q, c.k, c.v, c.mask, c.problem, _triton_impl())
+        if query.is_cuda and query.device.index != torch.cuda.current_device():
+            # Triton launches on the current device; backward passes run on autograd's
+            # per-device threads, which set it themselves
+            with torch.cuda.device(query.device):
+                out = attention(c.q, c.k, c.v, c.mask, c.problem, _triton_impl())
+        else:
+            out = attention(c.q, c.k, c.v, c.mask, c.problem, _triton_impl())
     return c.restore(out)
 
 

@@ -44,13 +44,12 @@ from triton.runtime.errors import OutOfResources
 from theria.attention import blockwise
 from theria.attention.api import warn_once
 from theria.attention.contract import Problem, canonicalize
+from theria.attention.kernels import MAX_GRID_BATCH, MAX_HEAD_DIM, precision
 from theria.attention.kernels import first_order as K
-from theria.attention.kernels import precision
 from theria.attention.kernels.launch import enabled as fast_launch_enabled
 from theria.attention.kernels.launch import launch, layout_key
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the kernels were built
-MAX_HEAD_DIM = 128
 _INTERPRET_TILE = 16  # the smallest tile tl.dot takes; keeps the interpreter's work small
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # `backward_jvp` accepts the tangents of out and lse (o_dot, mu) to skip its first pass.
@@ -190,6 +189,13 @@ def _unsupported(q: Tensor, k: Tensor, v: Tensor) -> str | None:
         return (
             f"head dims E={q.shape[-1]}, Ev={v.shape[-1]} above {MAX_HEAD_DIM} have no Triton "
             "kernel; using the torch backend's blockwise code for them"
+        )
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]).numel()
+    if batch > MAX_GRID_BATCH:
+        return (
+            f"a flattened batch of {batch} (query batch dims {tuple(q.shape[:-2])}) exceeds the "
+            f"{MAX_GRID_BATCH} programs CUDA allows on the kernels' batch grid axis; using the "
+            "torch backend's blockwise code for it"
         )
     return None
 

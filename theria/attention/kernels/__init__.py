@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import torch
 
+MAX_HEAD_DIM = 128  # widest E or Ev the first-order kernels take (wider: blockwise code)
 TF32X3_MAX_HEAD = 64  # widest padded float32 head dim that gets tf32x3 dots (see precision)
+# The first-order kernels put the flattened batch on grid axis 1, which CUDA caps at 65535.
+MAX_GRID_BATCH = 65535
 
 
 def precision(dtype: torch.dtype, block_e: int) -> str:
