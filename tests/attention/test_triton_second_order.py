@@ -313,7 +313,7 @@ def test_tile_shrinks_when_shared_memory_overflows(so, monkeypatch) -> None:
     monkeypatch.setitem(so.CONFIGS, "dq", {64: (128, 64, 8, 3, False)})
     monkeypatch.setattr(so, "CONFIGS_FLOAT32", {})
     monkeypatch.setattr(so, "_fitted", {})
-    with pytest.warns(RuntimeWarning, match="does not fit in shared memory"):
+    with pytest.warns(RuntimeWarning, match="does not fit in shared memory.*CONFIGS_FLOAT32"):
         so._launch(FakeKernel(), "dq", 32, 4, 100, 3, [], {})  # float32, E=32: key 64
     # (128, 64, 3) -> stages 2 -> BLOCK_M 64 -> 32 -> BLOCK_N 32: the first that fits
     assert launched == [((3 * 4,), 32, 32, 2)]

@@ -130,7 +130,8 @@ def _launch(kernel, name: str, block_e: int, itemsize: int, rows: int, z: int, a
                 f"triton-hvp-shrink:{name}:{key}:{itemsize}",
                 f"theria second-order kernel {name}: tile configuration {cfg} does not fit in "
                 f"shared memory for this head dim and dtype; using {smaller} (slower). Set "
-                "kernels.second_order.CONFIGS for this GPU.",
+                f"kernels.second_order.{'CONFIGS_FLOAT32' if itemsize == 4 else 'CONFIGS'} "
+                "for this GPU.",
             )
             cfg = _fitted[(name, key, itemsize)] = smaller
 
