@@ -34,7 +34,8 @@ def test_meta_bench_table(tmp_path, capsys):
             # meta-gradient's scale, far below anything a wrong derivative would give
             assert float(f64) < 1e-4, (algo, path, f64)
             assert float(rel) < 1e-4
-            assert verdict in (("pass", "FAIL") if path == "theria" else ("",))
+            # theria's float32 meta-gradient is as close to float64 as its peers'
+            assert verdict == ("pass" if path == "theria" else ""), (algo, path, f64)
     assert "float64 truth through `reference`" in text
     # the reproduce line names every flag that differs from the defaults, and parses back
     line = re.search(r"Reproduce: `python -m theria.bench meta (.*)`", text).group(1)
@@ -44,3 +45,20 @@ def test_meta_bench_table(tmp_path, capsys):
         == f"python -m theria.bench meta {line}"
     )
     assert line.startswith("--device cpu --seq-lens 24 --dim 16 --depth 1 --heads 2")
+
+
+def test_command_line_names_every_changed_flag() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--fast", action="store_true")
+    ap.add_argument("--no-check", dest="check", action="store_false")
+    ap.add_argument("--name", default="a")
+    ap.add_argument("--out", default=None)
+    argv = ["--sizes", "3", "--tag", "a b", "--no-check", "--name", "b", "--out", "/tmp/x"]
+    line = command_line("prog", ap.parse_args(argv), ap)
+    assert line == "prog --device cpu --sizes 3 --tag 'a b' --no-check --name b"
+    assert ap.parse_args(shlex.split(line)[1:]) == ap.parse_args(argv[:-2])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gc
 import resource
+import shlex
 import statistics
 import threading
 import time
@@ -153,10 +154,11 @@ def command_line(
     args: argparse.Namespace,
     parser: argparse.ArgumentParser,
     always: Sequence[str] = ("device",),
-    omit: Sequence[str] = ("out", "name"),
+    omit: Sequence[str] = ("out",),
 ) -> str:
-    """`prog` with the flags that reproduce `args`: every option whose value differs from its
-    default, plus the `always` ones that exist; `omit` (where results go) never."""
+    """`prog` with the flags that reproduce `args` (shell-quoted): every option whose value
+    differs from its default, plus the `always` ones that exist; `omit` (where results go)
+    never."""
     parts = [prog]
     for action in parser._actions:
         dest = action.dest
@@ -166,11 +168,10 @@ def command_line(
         if value == action.default and dest not in always:
             continue
         flag = action.option_strings[0]
-        if isinstance(value, bool):
-            if value:
-                parts.append(flag)
+        if isinstance(value, bool):  # store_true / store_false: the flag is the value
+            parts.append(flag)
         elif isinstance(value, list):
-            parts.append(" ".join([flag, *map(str, value)]))
+            parts.append(" ".join([flag, *(shlex.quote(str(x)) for x in value)]))
         else:
-            parts.append(f"{flag} {value}")
+            parts.append(f"{flag} {shlex.quote(str(value))}")
     return " ".join(parts)

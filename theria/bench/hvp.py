@@ -413,6 +413,8 @@ def _cells(m: dict, fl: float) -> list:
 def _targets(summary: dict) -> str:
     """The issue's targets at B=2, H=16, D=64, bf16: HVP at N=4096 ≤ 4× flash fwd+bwd time,
     peak ≤ 3× flash fwd+bwd peak, N=32768 runs; measured against flash in the same run."""
+    if not any(key[:3] == (64, "bf16", 4096) for key in summary):
+        return "Targets (D=64, bf16, N=4096): not part of this run."
     lines = ["Targets (D=64, bf16, N=4096; flash forward+backward measured in this run):", ""]
     flash = summary.get((64, "bf16", 4096, "flash"))
     for mode in ("rev_rev", "fwd_rev"):

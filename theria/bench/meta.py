@@ -86,25 +86,29 @@ def _model(cfg: dict, path: str, device: torch.device, dtype: torch.dtype) -> Tr
 
 
 def _truth(algo, cfg: dict, tasks, device: torch.device, dtype: torch.dtype):
-    """(path name, meta-gradient) in float64 from the `dtype`-rounded parameters, or None."""
+    """(path name, meta-gradient) in float64 from the `dtype`-rounded parameters, or
+    (why not, None) when no path could take the step (out of memory, or an error)."""
+    why = ""
     for path in ("reference", "theria_torch"):
         model = _model(cfg, path, device, dtype).double()
         params = algo.init_params(model)
         print(f"  float64 truth through {path} ...", flush=True)
         try:
             return path, {k: g.detach() for k, g in algo(model, params, tasks).grads.items()}
-        except torch.OutOfMemoryError:
+        except RuntimeError as e:  # torch.OutOfMemoryError included; a CPU one is plain
+            why = "out of memory" if "out of memory" in str(e).lower() else type(e).__name__
             del model, params
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    return None
+    return f"none ({why})", None
 
 
 def _truth_columns(
-    rows: list[list], seq_len: int, algo_name: str, grads: dict, truth: dict, checks: list[str]
+    rows: list[list], seq_len: int, algo_name: str, grads: dict, truth: dict | None, checks: list
 ) -> None:
-    """Adds `err vs f64` and `2x rule` to this (L, algo)'s rows; records each theria verdict."""
-    errs = {path: _rel(g, truth) for path, g in grads.items()}
+    """Adds `err vs f64` and `2x rule` to this (L, algo)'s rows (blank without a truth);
+    records each theria verdict."""
+    errs = {} if truth is None else {path: _rel(g, truth) for path, g in grads.items()}
     peers = [errs[p] for p in ("reference", "sdpa_math") if p in errs]
     bound = 2 * min(peers) if peers else None
     for row in rows:
@@ -115,24 +119,30 @@ def _truth_columns(
             row += ["", ""]
             continue
         verdict = ""
-        if path.startswith("theria") and bound is not None:
-            verdict = "pass" if errs[path] <= bound else "FAIL"
+        if path.startswith("theria"):
+            verdict = (
+                "n/a (no peer)" if bound is None else "pass" if errs[path] <= bound else "FAIL"
+            )
             checks.append(f"L={seq_len} {algo_name} {path} {verdict}")
         row += [f"{errs[path]:.1e}", verdict]
 
 
 def _truth_text(dtype: torch.dtype, truths: dict[tuple[int, str], str]) -> str:
     if not truths:
-        return ""
+        why = "float64 is the truth" if dtype == torch.float64 else "--no-truth"
+        return f"`err vs f64` and `2x rule` are not computed ({why})."
+
+    def name(t: str) -> str:
+        return t if t.startswith("none") else f"`{t}`"
+
     used = sorted(set(truths.values()))
     return (
         "`err vs f64`: relative difference from a float64 meta-gradient taken from the same "
         f"{str(dtype).removeprefix('torch.')}-rounded parameters (float64 truth through "
-        + ", ".join(f"`{u}`" for u in used)
         + (
-            ": " + ", ".join(f"L={L} {a}: {t}" for (L, a), t in truths.items())
-            if len(used) > 1
-            else ""
+            name(used[0])
+            if len(used) == 1
+            else ", ".join(f"L={L} {a}: {name(t)}" for (L, a), t in truths.items())
         )
         + "). `2x rule`: a theria path's `err vs f64` is at most twice the smallest of the "
         "peers' (`reference`, `sdpa_math`) in the same dtype."
@@ -208,8 +218,7 @@ def main(argv: list[str] | None = None) -> None:
             grads: dict[str, dict[str, torch.Tensor]] = {}
             truth = None
             if dtype != torch.float64 and not args.no_truth:
-                truth = _truth(algo, cfg, tasks, device, dtype)
-                truths[(seq_len, algo_name)] = "none (out of memory)" if truth is None else truth[0]
+                truths[(seq_len, algo_name)], truth = _truth(algo, cfg, tasks, device, dtype)
             for path in sorted(args.paths, key=lambda p: p != "reference"):  # reference first
                 model = _model(cfg, path, device, dtype)
                 params = algo.init_params(model)
@@ -233,12 +242,7 @@ def main(argv: list[str] | None = None) -> None:
                 err = "" if ref is None else f"{_rel(grads[path], ref):.1e}"
                 summary[(seq_len, algo_name, path)] = m
                 rows.append([seq_len, algo_name, path, m["ms"], m["ms_min"], m["peak_mb"], err])
-            if truth is not None:
-                _truth_columns(rows, seq_len, algo_name, grads, truth[1], checks)
-            else:
-                for row in rows:
-                    if row[:2] == [seq_len, algo_name] and len(row) == 7:
-                        row += ["", ""]
+            _truth_columns(rows, seq_len, algo_name, grads, truth, checks)
     ratio_rows = []
     for seq_len in args.seq_lens:
         for algo_name in args.algos:
