@@ -82,8 +82,8 @@ def main() -> None:
     init = {k: v.detach().clone() for k, v in build_model(cfg).named_parameters()}
     tasks = build_sampler(cfg).sample("train", cfg.meta_batch, task_generator(cfg.seed + 1))
 
-    # on CUDA, attn=theria is the Triton backend; theria_torch (the blockwise torch Functions)
-    # is compared as well there
+    # on CUDA, attn=theria is the Triton backend below float64 (float64: the torch backend);
+    # theria_torch (the blockwise torch Functions) is compared as well there
     compared = ("theria", "sdpa_math") if device.type == "cpu" else PATHS_CUDA
     grad_rows = []
     for state, params in (("initial", init), (f"after {cfg.steps} steps", trained)):

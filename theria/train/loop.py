@@ -368,7 +368,8 @@ def train(
                 from theria.sanity import sanity_checks
 
                 # On the run's device: the float64 checks of a CUDA run use the blockwise code
-                # for attention (no float64 Triton kernel; theria.sdpa announces it once).
+                # for attention (no float64 Triton kernel: attn=theria's auto picks it; an
+                # explicit backend='triton' falls back to it with a one-time warning).
                 checks = sanity_checks(model, params, tasks, algo, seed=step)
                 log.scalars({f"sanity/{k}": v for k, v in checks.items()}, step)
 
