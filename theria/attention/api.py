@@ -12,6 +12,7 @@ from torch import Tensor
 from theria.attention import blockwise
 from theria.attention.contract import canonicalize
 from theria.attention.function import attention
+from theria.attention.kernels import MAX_GRID_BATCH, MAX_HEAD_DIM, TF32X3_MAX_HEAD, padded_head
 from theria.attention.reference import reference_attention
 
 Backend = Literal["auto", "reference", "torch", "triton"]
@@ -63,9 +64,7 @@ def auto_backend(
     - float64, heads wider than the kernels take, batches beyond the kernels' grid, and
       everything off CUDA: ``torch``.
     """
-    from theria.attention.kernels import MAX_GRID_BATCH, MAX_HEAD_DIM, TF32X3_MAX_HEAD
-
-    padded = max(16, 1 << (head_dim - 1).bit_length())
+    padded = padded_head(head_dim)
     if dtype in (torch.float16, torch.bfloat16):
         fits = padded <= MAX_HEAD_DIM
     else:
@@ -76,9 +75,7 @@ def auto_backend(
 def _slow_triton(dtype: torch.dtype, head_dim: int, is_cuda: bool) -> str | None:
     """The warning for an explicit backend='triton' call that runs the kernels where they are
     slow (float32 heads of 65-128 on CUDA: IEEE dots), else None."""
-    from theria.attention.kernels import MAX_HEAD_DIM, TF32X3_MAX_HEAD
-
-    padded = max(16, 1 << (head_dim - 1).bit_length())
+    padded = padded_head(head_dim)
     if not is_cuda or dtype != torch.float32 or not TF32X3_MAX_HEAD < padded <= MAX_HEAD_DIM:
         return None
     return (

@@ -44,7 +44,7 @@ from triton.runtime.errors import OutOfResources
 from theria.attention import blockwise
 from theria.attention.api import warn_once
 from theria.attention.contract import Problem, canonicalize
-from theria.attention.kernels import MAX_GRID_BATCH, MAX_HEAD_DIM, precision
+from theria.attention.kernels import MAX_GRID_BATCH, MAX_HEAD_DIM, padded_head, precision
 from theria.attention.kernels import first_order as K
 from theria.attention.kernels.launch import enabled as fast_launch_enabled
 from theria.attention.kernels.launch import launch, layout_key
@@ -259,7 +259,7 @@ def _consts_cached(E: int, Ev: int, dtype: torch.dtype, mask_kind: int, causal: 
         NATURAL=natural,
         ACCURATE=natural and not INTERPRET,  # libdevice exp/log, IEEE division (CUDA only)
         RLN=1.0 if natural else K.LOG2E,  # the scores' unit: exp2 or natural exp
-        PREC=precision(dtype, max(16, _pow2(E), _pow2(Ev))),
+        PREC=precision(dtype, padded_head(E, Ev)),
     )
 
 

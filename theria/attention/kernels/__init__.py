@@ -18,6 +18,12 @@ TF32X3_MAX_HEAD = 64  # widest padded float32 head dim that gets tf32x3 dots (se
 MAX_GRID_BATCH = 65535
 
 
+def padded_head(*dims: int) -> int:
+    """The kernels' tile width for head dims `dims` (E, Ev): the next power of two of the widest,
+    at least 16 (the smallest tl.dot operand)."""
+    return max(16, 1 << (max(dims) - 1).bit_length())
+
+
 def precision(dtype: torch.dtype, block_e: int) -> str:
     """tl.dot's input_precision for inputs of `dtype` with padded head dims up to `block_e`.
 

@@ -50,6 +50,7 @@ from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
 from theria.attention.contract import Problem, _broadcast
+from theria.attention.kernels import padded_head
 from theria.attention.kernels import precision as _precision
 from theria.attention.kernels.launch import enabled as fast_launch_enabled
 from theria.attention.kernels.launch import launch, layout_key
@@ -736,7 +737,7 @@ def backward_jvp(
         HAS_TDO=tdo is not None,
         MASK_KIND=mask_kind,
         CAUSAL=problem.is_causal,
-        PREC=_precision(dtype, max(16, triton.next_power_of_2(max(E, Ev)))),
+        PREC=_precision(dtype, padded_head(E, Ev)),
         ACC=tl.float64 if dtype == torch.float64 else tl.float32,
     )
     block_e = max(flags["BLOCK_E"], flags["BLOCK_EV"])
