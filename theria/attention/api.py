@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from typing import Literal
@@ -138,8 +139,8 @@ def sdpa(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, block_size
     )
     chosen = backend
+    head = max(c.q.shape[-1], c.v.shape[-1])  # the widest head dim, E or Ev
     if backend == "auto":
-        head = max(c.q.shape[-1], c.v.shape[-1])
         batch = torch.broadcast_shapes(c.q.shape[:-2], c.k.shape[:-2]).numel()
         chosen = auto_backend(
             query.dtype, head, batch, lambda: query.is_cuda and _triton_usable(query)
@@ -174,15 +175,14 @@ def sdpa(
                 "theria.sdpa: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run "
                 f"the kernels on the CPU); got query on {query.device}"
             )
-        slow = _slow_triton(query.dtype, max(c.q.shape[-1], c.v.shape[-1]), query.is_cuda)
-        if slow is not None:
-            warn_once("triton-fp32-wide-head", slow)
-        if query.is_cuda and query.device.index != torch.cuda.current_device():
-            # Triton launches on the current device; backward passes run on autograd's
-            # per-device threads, which set it themselves
-            with torch.cuda.device(query.device):
-                out = attention(c.q, c.k, c.v, c.mask, c.problem, _triton_impl())
-        else:
+        if backend == "triton":  # auto never picks the slow case
+            slow = _slow_triton(query.dtype, head, query.is_cuda)
+            if slow is not None:
+                warn_once("triton-fp32-wide-head", slow)
+        # Triton launches on the current device; backward passes run on autograd's per-device
+        # threads, which set it themselves
+        other_gpu = query.is_cuda and query.device.index != torch.cuda.current_device()
+        with torch.cuda.device(query.device) if other_gpu else contextlib.nullcontext():
             out = attention(c.q, c.k, c.v, c.mask, c.problem, _triton_impl())
     return c.restore(out)
 

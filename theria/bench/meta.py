@@ -81,8 +81,7 @@ def _model(cfg: dict, path: str, device: torch.device, dtype: torch.dtype) -> Tr
     """The transformer with attention `path`, the same initial parameters for every path (and
     for the float64 truth: rounded to `dtype` first, then widened)."""
     torch.manual_seed(0)
-    model = Transformer(TransformerConfig(**cfg, attn=path)).to(device, dtype)
-    return model
+    return Transformer(TransformerConfig(**cfg, attn=path)).to(device, dtype)
 
 
 def _truth(algo, cfg: dict, tasks, device: torch.device, dtype: torch.dtype):
