@@ -49,8 +49,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from theria._warnings import warn_once
 from theria.algos.common import MetaStepResult, Params
-from theria.attention.api import warn_once
 
 T = TypeVar("T")
 

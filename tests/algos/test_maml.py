@@ -13,7 +13,6 @@ from tests.algos.helpers import (
     sinusoid_problem,
 )
 from theria.algos import FOMAML, LR_PREFIX, MAML
-from theria.attention import api
 
 
 @pytest.mark.parametrize("inner_steps", [1, 3])
@@ -94,7 +93,7 @@ def test_vmap_over_tasks_equals_the_loop(first_order, monkeypatch):
     vm = MAML(inner_steps=1, inner_lr=0.1, first_order=first_order, vmap=True)
     params = seq.init_params(model)
     a = seq(model, params, tasks)
-    monkeypatch.setattr(api, "_warned", set())  # warn_once: once per process
+    monkeypatch.setattr("theria._warnings._warned", set())  # warn_once: once per process
     if first_order:
         b = vm(model, params, tasks)
     else:  # second order under torch.func: the memory cost is announced

@@ -22,6 +22,7 @@ import torch
 pytest.importorskip("triton")
 
 import theria
+from theria import _warnings
 from theria.attention import triton_impl
 
 pytestmark = pytest.mark.triton_interpret
@@ -176,7 +177,7 @@ def test_second_order_is_exact_through_the_fallback():
 
     if triton_impl._second_order() is None:
         with pytest.warns(RuntimeWarning, match="second-order"):
-            theria.attention.api._warned.discard("triton:second-order-fallback")
+            _warnings.forget("triton:second-order-fallback")
             got = hvp("triton")
     else:
         got = hvp("triton")
@@ -195,7 +196,7 @@ def test_bad_inputs_raise_clearly():
 
 def test_head_dim_above_limit_falls_back_visibly():
     x = torch.randn(1, 3, triton_impl.MAX_HEAD_DIM + 1, dtype=torch.float64)
-    theria.attention.api._warned.discard("triton:unsupported")
+    _warnings.forget("triton:unsupported")
     with pytest.warns(RuntimeWarning, match="no Triton kernel"):
         out = theria.sdpa(x, x, x, backend="triton")
     torch.testing.assert_close(out, theria.sdpa(x, x, x, backend="reference"))

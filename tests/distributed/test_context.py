@@ -63,7 +63,7 @@ def test_single_process_context_is_the_identity(monkeypatch):
 def test_setup_without_a_launcher_warns_when_a_backend_was_asked_for(monkeypatch):
     for k in D.TORCHRUN_VARS:
         monkeypatch.delenv(k, raising=False)
-    monkeypatch.setattr("theria.attention.api._warned", set())
+    monkeypatch.setattr("theria._warnings._warned", set())
     with pytest.warns(RuntimeWarning, match="no launcher variables"):
         ctx = D.setup(backend="gloo", device="cpu")
     assert ctx.world_size == 1

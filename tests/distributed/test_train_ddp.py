@@ -107,7 +107,7 @@ def test_dist_config_group_is_typed_and_checked():
 
 
 def test_ddp_in_one_process_warns_and_equals_dist_none(tmp_path, monkeypatch):
-    monkeypatch.setattr("theria.attention.api._warned", set())
+    monkeypatch.setattr("theria._warnings._warned", set())
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(k, raising=False)
     with pytest.warns(RuntimeWarning, match="dist=ddp in a single process"):

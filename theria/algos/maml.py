@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from theria._warnings import warn_once
 from theria.algos.common import (
     MetaStepResult,
     Params,
@@ -33,7 +34,6 @@ from theria.algos.common import (
     second_order_context,
     set_loss,
 )
-from theria.attention.api import warn_once
 from theria.tasks.episode import Episode
 
 LR_PREFIX = "inner_lr/"  # Meta-SGD rates live in the params dict as "inner_lr/<param name>"

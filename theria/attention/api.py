@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from theria._warnings import warn_once
 from theria.attention import blockwise
 from theria.attention.contract import canonicalize
 from theria.attention.function import attention
@@ -19,15 +19,6 @@ from theria.attention.reference import reference_attention
 Backend = Literal["auto", "reference", "torch", "triton"]
 BACKENDS: tuple[str, ...] = ("auto", "reference", "torch", "triton")
 DEFAULT_BLOCK_SIZE = 256
-
-_warned: set[str] = set()
-
-
-def warn_once(key: str, message: str) -> None:
-    """A fallback or degradation is announced once per process, never silently taken."""
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _triton_impl():  # imported lazily: Triton is an optional, heavy import

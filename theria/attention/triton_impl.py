@@ -41,8 +41,8 @@ import triton
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
+from theria._warnings import warn_once
 from theria.attention import blockwise
-from theria.attention.api import warn_once
 from theria.attention.contract import Problem, canonicalize
 from theria.attention.kernels import MAX_GRID_BATCH, MAX_HEAD_DIM, padded_head, precision
 from theria.attention.kernels import first_order as K

@@ -29,9 +29,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from theria import distributed as D
+from theria._warnings import warn_once
 from theria.algos import IMAML, LR_PREFIX, MAML, Params
 from theria.algos.common import set_loss
-from theria.attention.api import warn_once
 from theria.distributed import task_generator
 from theria.tasks import Episode, TaskSampler
 from theria.train.build import (

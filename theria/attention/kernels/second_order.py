@@ -49,6 +49,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
+from theria._warnings import warn_once
 from theria.attention.contract import Problem, _broadcast
 from theria.attention.kernels import padded_head
 from theria.attention.kernels import precision as _precision
@@ -125,8 +126,6 @@ def _launch(kernel, name: str, block_e: int, itemsize: int, rows: int, z: int, a
             smaller = _shrink(cfg)
             if smaller is None:
                 raise
-            from theria.attention.api import warn_once
-
             warn_once(
                 f"triton-hvp-shrink:{name}:{key}:{itemsize}",
                 f"theria second-order kernel {name}: tile configuration {cfg} does not fit in "
