@@ -76,6 +76,14 @@ def check_config(cfg: DictConfig) -> DictConfig:
     device = typed.device
     if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
         raise ConfigError(f"device={device!r}: expected auto, cpu, cuda or cuda:N")
+    if typed.graph == "on":
+        if device == "cpu" or not torch.cuda.is_available():
+            raise ConfigError(
+                f"graph=on needs a CUDA device (device={device!r}, CUDA available: "
+                f"{torch.cuda.is_available()}); use graph=auto (CUDA graphs where they work)"
+            )
+        if typed.dist.name == "ddp":
+            raise ConfigError("graph=on with dist=ddp: the all-reduce runs eagerly; use graph=auto")
     return typed
 
 
