@@ -11,6 +11,8 @@ one level, as a model's parameter dict); tangents have the same structure.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -82,6 +84,17 @@ def grad(fn: Callable[..., Tensor], primals: Tree, create_graph: bool = False) -
     )
 
 
+@functools.cache
+def _load_jvp_decompositions() -> None:
+    """Imports torch's forward-AD decompositions (what the first dual tensor would import)
+    with its `torch.jit.script is deprecated` FutureWarning silenced: torch 2.14's own module
+    scripts them at import, nothing theria or its user can change. Other warnings pass."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
+                                category=FutureWarning)  # fmt: skip
+        from torch._decomp import decompositions_for_jvp  # noqa: F401
+
+
 def hvp(fn: Callable[..., Tensor], primals: Tree, tangents: Tree, mode: HvpMode = "rev_rev") -> Any:
     """Hessian of the scalar `fn` at `primals` applied to `tangents` (same structure)."""
     flat, unflatten = _flatten(primals)
@@ -99,6 +112,7 @@ def hvp(fn: Callable[..., Tensor], primals: Tree, tangents: Tree, mode: HvpMode 
             [torch.zeros_like(p) if h is None else h for p, h in zip(leaves, hv, strict=True)]
         )
     if mode == "fwd_rev":
+        _load_jvp_decompositions()
         g = torch.func.grad(
             lambda *xs: _call(fn, unflatten(list(xs))), argnums=tuple(range(len(flat)))
         )
@@ -111,6 +125,7 @@ def jvp(fn: Callable[..., Tensor], primals: Tree, tangents: Tree) -> tuple[Tenso
     """(f(primals), directional derivative of f along tangents), by forward-mode AD."""
     flat, unflatten = _flatten(primals)
     tflat = _tangents_like(primals, tangents)
+    _load_jvp_decompositions()
     return torch.func.jvp(lambda *xs: _apply(fn, unflatten(list(xs))), tuple(flat), tuple(tflat))
 
 

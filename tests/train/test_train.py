@@ -106,8 +106,10 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path, mo
             train(compose_config(over), run_dir=cut)
     assert load_checkpoint(cut / CHECKPOINT)["step"] == 3
 
-    again = tmp_path / "again"
+    again = tmp_path / "again"  # resume=<dir> continues *in* <dir>: curves and results one
     train(compose_config([*over, f"resume={cut}"]), run_dir=again)
+    assert not (again / "results.json").exists()
+    again = cut
     a, b = load_checkpoint(whole / CHECKPOINT), load_checkpoint(again / CHECKPOINT)
     assert a["step"] == b["step"] == 6
     for k in a["params"]:
@@ -120,6 +122,7 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path, mo
 
 
 def test_resume_true_in_the_same_directory_continues(tmp_path) -> None:
+    tmp_path = tmp_path / "default" / "t0"  # resume=true searches its siblings: none here
     over = [*FAST, "sanity_every=0", "resume=true"]
     train(compose_config([*over, "steps=2"]), run_dir=tmp_path)  # nothing to resume: fresh
     train(compose_config([*over, "steps=4"]), run_dir=tmp_path)

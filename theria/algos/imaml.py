@@ -86,6 +86,18 @@ def conjugate_gradient(matvec, b: Params, iters: int, batch: int = 0) -> tuple[P
     return x, rs.sqrt() / torch.where(b_norm > tiny, b_norm, torch.ones_like(b_norm))
 
 
+def true_residual(matvec, b: Params, x: Params, batch: int = 0) -> Tensor:
+    """‖b − A x‖ / ‖b‖ computed with one more matvec: what the solve really achieved. CG's
+    recurrence residual (the second value of `conjugate_gradient`) keeps falling in floating
+    point, or when A is not positive definite, while the true one stalls; only this one shows
+    a failed solve. Shape () or, with `batch` = 1, (T,)."""
+    ax = matvec(x)
+    r = {k: b[k] - ax[k] for k in b}
+    b_norm = _dot(b, b, batch).sqrt()
+    tiny = torch.finfo(b_norm.dtype).tiny
+    return _dot(r, r, batch).sqrt() / torch.where(b_norm > tiny, b_norm, torch.ones_like(b_norm))
+
+
 @dataclass
 class IMAML:
     """iMAML meta-step: `algo(model, params, tasks) -> MetaStepResult`.
@@ -95,7 +107,9 @@ class IMAML:
     how the tasks of a meta-batch run ("auto", "batched", "sequential", or "vmap", which
     needs hvp="fwd_rev": the reverse-over-reverse helper uses torch.autograd, which
     torch.func.vmap does not trace). Metrics: query_loss, support_loss_pre,
-    query_acc (classification), cg_residual (mean relative residual), cg_residual_max,
+    query_acc (classification), cg_residual (mean relative residual of CG's recurrence),
+    cg_residual_max, cg_true_residual (mean ‖b − A x‖/‖b‖, one extra matvec: the one that shows
+    a stalled or indefinite solve), cg_true_residual_max,
     inner_grad_norm (‖∇ of the proximal objective‖ at φ*, 0 when the inner problem is solved).
     """
 
@@ -198,8 +212,10 @@ class IMAML:
             return {k: (1 + self.cg_damping) * v[k] + hv[k] / self.lam for k in v}
 
         x, residual = conjugate_gradient(matvec, g_q, self.cg_iters, batch=1)
+        true = true_residual(matvec, g_q, x, batch=1).detach()
         per = {"support_loss_pre": loss0, "cg_residual": residual.detach(),
-               "cg_residual_max": residual.detach(), "inner_grad_norm": inner_gn}  # fmt: skip
+               "cg_residual_max": residual.detach(), "cg_true_residual": true,
+               "cg_true_residual_max": true, "inner_grad_norm": inner_gn}  # fmt: skip
         if accs is not None:
             per["query_acc"] = accs
         stats = summarize(losses, per)
@@ -234,10 +250,13 @@ class IMAML:
                 return {k: (1 + self.cg_damping) * v[k] + hv[k] / self.lam for k in v}
 
             x, residual = conjugate_gradient(matvec, g_q, self.cg_iters)
+            true = true_residual(matvec, g_q, x).detach()
             aux |= {
                 "support_loss_pre": loss0,
                 "cg_residual": residual.detach(),
                 "cg_residual_max": residual.detach(),
+                "cg_true_residual": true,
+                "cg_true_residual_max": true,
                 "inner_grad_norm": inner_gn,
             }
             return {k: v.detach() for k, v in x.items()}, (loss, aux)

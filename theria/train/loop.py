@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import resource
 import sys
 import time
 from collections.abc import Callable
@@ -63,8 +62,13 @@ from theria.train.checkpoint import (
     set_rng_state,
 )
 from theria.train.evaluate import evaluate
+from theria.train.memory import PeakMemory
+from theria.train.provenance import now_iso, provenance
 
 RESULTS = "results.json"
+# iMAML: a true CG residual above this (relative, max over the tasks) is reported, once: the
+# meta-gradient error is at most cond(A) times it, so a larger one is no implicit gradient.
+CG_TOLERANCE = 0.05
 TB_DIR = "tb"
 # Meta-validation and meta-test tasks are the same for every training seed (paired
 # comparisons across a sweep); they come from generators seeded with these constants.
@@ -126,13 +130,6 @@ def _check_resumable(saved: dict[str, Any], now: dict[str, Any], path: Path) -> 
             f"resume: the config differs from the checkpoint {path} in {diffs}; a resumed run "
             "must keep algo/model/task/optim/seed/meta_batch/dtype (start a new run instead)"
         )
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    """Peak memory so far: CUDA's allocator peak on a GPU, the process's peak RSS on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
 
 
 class _Scalars:
@@ -211,7 +208,9 @@ class Run:
     history: list[dict] = field(default_factory=list)
     elapsed: float = 0.0
     last_good: tuple[Path, int] | None = None
-    mem_start: float = 0.0
+    mem: PeakMemory | None = None  # this run's peak (theria.train.memory), from the first step
+    started_at: str = ""
+    t_start: float = 0.0
 
     @property
     def ckpt_path(self) -> Path:
@@ -269,8 +268,24 @@ def _resume(r: Run) -> None:
     """Continues from the checkpoint `cfg.resume` names, if any: parameters, optimizer and
     schedule, every rank's task stream, the global RNGs, history and time."""
     resume_from = resolve_resume(r.cfg.resume, r.dir)
+    if resume_from is None and _resume_is_true(r.cfg.resume):
+        found = _find_resumable(r) if r.ctx.is_main else None
+        resume_from = D.broadcast_object(found, r.ctx)
+        if resume_from is None:
+            warn_once("train:resume-none", f"theria.train: resume=true found no earlier run "
+                      f"named {r.cfg.name!r} with this config (under "
+                      f"{', '.join(map(str, _resume_roots(r.dir)))}); "
+                      f"starting a fresh run in {r.dir}")  # fmt: skip
     if resume_from is None:
         return
+    in_run = resume_from.parts[-2:] == CHECKPOINT.parts  # <run>/checkpoints/last.pt
+    if in_run and resume_from.parent.parent.resolve() != r.dir.resolve():  # continue *in* it
+        print(
+            f"[theria.train] continuing in {resume_from.parent.parent} (this invocation's "
+            f"directory {r.dir} keeps only Hydra's own files)",
+            file=sys.stderr,
+        )
+        r.dir = resume_from.parent.parent
     state = load_checkpoint(resume_from)
     _check_resumable(state["config"], r.resolved, resume_from)
     with torch.no_grad():
@@ -290,6 +305,45 @@ def _resume(r: Run) -> None:
     r.start, r.history, r.elapsed = state["step"], state["history"], state["elapsed_s"]
     r.last_good = (resume_from, r.start)
     print(f"[theria.train] resumed from {resume_from} at step {r.start}", file=sys.stderr)
+
+
+def _resume_is_true(resume: Any) -> bool:
+    return resume is True or str(resume).lower() == "true"
+
+
+def _resume_roots(run: Path) -> list[Path]:
+    """Where runs of the same name live, per conf/config.yaml's hydra.run.dir
+    (outputs/<name>/<time>: the run's parent) and hydra.sweep.dir
+    (outputs/multirun/<name>/<time>/<job>: its grandparent)."""
+    return [run.parent, run.parent.parent]
+
+
+def _find_resumable(r: Run) -> Path | None:
+    """resume=true without a checkpoint of its own: the checkpoint of the latest run (newest
+    checkpoint) of the same name whose resolved config equals this one up to
+    RESUMABLE_CHANGES, searched under `_resume_roots`; None when there is none."""
+    here = r.dir.resolve()
+    found: set[Path] = set()
+    for root, pattern in zip(
+        _resume_roots(r.dir), ("*/" + str(CHECKPOINT), "*/*/" + str(CHECKPOINT)), strict=True
+    ):
+        found |= {p for p in root.glob(pattern) if p.parent.parent.resolve() != here}
+    for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            saved = load_checkpoint(path)["config"]
+        except Exception as e:  # a foreign or torn file is no candidate; say so
+            print(
+                f"[theria.train] resume=true: skipping {path} ({type(e).__name__}: {e})",
+                file=sys.stderr,
+            )
+            continue
+        if saved.get("name") == r.cfg.name:
+            try:
+                _check_resumable(saved, r.resolved, path)
+            except ConfigError:
+                continue
+            return path
+    return None
 
 
 def _meta_step(r: Run, reduce_grads: ReduceGrads | None) -> MetaStep:
@@ -373,7 +427,7 @@ def _log_step(r: Run, log: _Scalars, step: int, stats: dict[str, Tensor], tasks:
         "inner/query_loss_post": m["query_loss"],
         "perf/step_time_s": mean_dt,
         "perf/tasks_per_s": r.cfg.meta_batch / mean_dt,
-        "perf/peak_mem_mb": _peak_memory_mb(r.device),
+        "perf/peak_mem_mb": r.mem.peak_mb() if r.mem is not None else float("nan"),
         "lr/meta": lr,
         "lr/inner": _inner_lr(r.algo, r.params),
         "train/grad_norm": m["grad_norm"],
@@ -381,6 +435,11 @@ def _log_step(r: Run, log: _Scalars, step: int, stats: dict[str, Tensor], tasks:
     if "query_acc" in m:
         scalars["train/acc"] = m["query_acc"]
     scalars |= {f"imaml/{k}": v for k, v in m.items() if k.startswith(("cg_", "inner_g"))}
+    if m.get("cg_true_residual_max", 0.0) > CG_TOLERANCE:
+        warn_once("train:cg", f"theria.train: iMAML's CG did not converge at step {step}: "
+                  f"true residual ‖b − A x‖/‖b‖ = {m['cg_true_residual_max']:.3g} (max over "
+                  f"tasks) > {CG_TOLERANCE}, so the meta-gradient is not the implicit one; "
+                  "raise algo.lam, algo.cg_iters or algo.cg_damping (docs/METRICS.md)")  # fmt: skip
     log.scalars(scalars, step)
     if log.bar is not None:
         post = {"loss": f"{m['query_loss']:.4g}", "val": f"{val_loss:.4g}",
@@ -416,7 +475,7 @@ def _finish(r: Run, log: _Scalars) -> dict[str, Any] | None:
     if not r.ctx.is_main:
         return None
     cfg = r.cfg
-    train_peak = _peak_memory_mb(r.device)  # through meta-training, before the meta-test
+    train_peak = r.mem.stop() if r.mem is not None else float("nan")  # before the meta-test
     test = evaluate(r.algo, r.model, r.params, r.sampler, "test", cfg.test_tasks, TEST_SEED,
                     cfg.algo.eval_inner_steps, device=r.device, dtype=r.dtype)  # fmt: skip
     results = {
@@ -427,8 +486,9 @@ def _finish(r: Run, log: _Scalars) -> dict[str, Any] | None:
         "test": test,
         "val_history": r.history,
         "train_time_s": r.elapsed,
-        "peak_mem_mb": train_peak,
-        "mem_at_start_mb": r.mem_start,  # CPU: the process's RSS before the first step
+        "peak_mem_mb": train_peak,  # this run's steps: see peak_mem_kind, theria.train.memory
+        "peak_mem_kind": r.mem.kind if r.mem is not None else None,
+        "mem_at_start_mb": r.mem.start_mb if r.mem is not None else None,
         "device": str(r.device),
         "world_size": r.ctx.world_size,
         "batching": resolve_batching(r.algo.batching, r.model),
@@ -437,6 +497,7 @@ def _finish(r: Run, log: _Scalars) -> dict[str, Any] | None:
         "tensorboard": str(r.dir / TB_DIR) if cfg.logger.tensorboard else None,
         "checkpoint": str(r.ckpt_path),
     }
+    results["provenance"] = provenance(r.device, r.started_at, time.perf_counter() - r.t_start)
     _write_json(r.dir / RESULTS, results)
     if log.writer is not None:
         log.writer.add_hparams(_hparams(r.resolved), _final_metrics(test, r.history),
@@ -466,13 +527,13 @@ def train(
     given, replaces the default reduction (theria.distributed.reduce_result) of the
     meta-gradient."""
     # 1. set-up: config, devices, data, model, algorithm, optimizer; resume
+    started_at, t_start = now_iso(), time.perf_counter()
     r = _setup(cfg, run_dir)
+    r.started_at, r.t_start = started_at, t_start
     cfg = r.cfg
     _resume(r)
     step_fn = r.step_fn = _meta_step(r, reduce_grads)
-    if r.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(r.device)
-    r.mem_start = _peak_memory_mb(r.device)
+    r.mem = PeakMemory(r.device).start()  # this run's peak, not the process's (sweeps)
     log = _Scalars(cfg, r.dir, r.start, enabled=r.ctx.is_main)
     if log.writer is not None and r.start == 0:
         text = OmegaConf.to_yaml(cfg, resolve=True).replace("\n", "\n    ")
@@ -524,10 +585,12 @@ def train(
             if log.bar is not None:
                 log.bar.update(1)
     except BaseException:
+        r.mem.stop()
         log.close()
         raise
     # 6. meta-test and results (rank 0); every rank returns rank 0's results
     results = _finish(r, log)
+    r.mem.stop()  # idempotent (rank 0 stopped it before the meta-test)
     log.close()
     # the process group stays for the next run of a sweep in this process (left at exit)
     return D.broadcast_object(results, r.ctx)

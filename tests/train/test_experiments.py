@@ -1,0 +1,187 @@
+"""Issue 18: defaults that learn (conf/tuning), iMAML's true CG residual, this run's memory,
+resume in the run's own directory, results.json provenance, no torch.jit FutureWarning."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from theria import _warnings
+from theria.algos import IMAML, conjugate_gradient
+from theria.algos.imaml import true_residual
+from theria.train import CONF_DIR, compose_config, train
+from theria.train import loop as train_loop
+from theria.train.build import build_algo, build_model, build_sampler
+from theria.train.checkpoint import CHECKPOINT, load_checkpoint
+from theria.train.memory import PeakMemory, rss_mb
+
+from .test_train import FAST, scalars
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# ------------------------------------------------------------------ 1. defaults that learn
+
+
+def test_tuning_sets_markov_transformer_rates_and_yields_to_overrides() -> None:
+    cfg = compose_config(["task=markov", "model=transformer"])
+    assert (cfg.algo.inner_lr, cfg.optim.lr, cfg.task.seq_len) == (0.1, 3.0e-3, 16)
+    assert compose_config(["task=sinusoid", "model=mlp"]).algo.inner_lr == 0.01  # Finn et al.
+    assert (
+        compose_config(["task=markov", "model=transformer", "algo.inner_lr=0.3"]).algo.inner_lr
+        == 0.3
+    )
+    # an experiment file overrides the tuning (exp_attn_paths: L = 512)
+    assert compose_config(["experiment=exp_attn_paths"]).task.seq_len == 512
+
+
+def test_every_tuning_file_names_a_shipped_task_and_model() -> None:
+    tasks = {p.stem for p in (CONF_DIR / "task").glob("*.yaml")}
+    models = {p.stem for p in (CONF_DIR / "model").glob("*.yaml")}
+    files = sorted((CONF_DIR / "tuning").glob("*.yaml"))
+    assert files
+    for f in files:  # `optional tuning: ${task}_${model}`: a misnamed file is silently unused
+        task, _, model = f.stem.partition("_")
+        assert task in tasks and model in models, f.name
+
+
+@pytest.mark.parametrize("task,model", [("sinusoid", "mlp"), ("markov", "transformer")])
+def test_imaml_defaults_converge(task: str, model: str) -> None:
+    """conf/algo/imaml.yaml (λ = 10, 10 CG iterations): the true residual is small at the
+    initial parameters of the shipped task × model pairs measured (docs/METRICS.md); glyphs
+    and omniglot do not converge there and the run warns (test below)."""
+    cfg = compose_config(["algo=imaml", f"task={task}", f"model={model}"])
+    torch.manual_seed(0)
+    m, algo, sampler = build_model(cfg), build_algo(cfg), build_sampler(cfg)
+    res = algo(m, algo.init_params(m), sampler.sample("train", 4, torch.Generator().manual_seed(0)))
+    assert float(res.metrics["cg_true_residual_max"]) < train_loop.CG_TOLERANCE
+
+
+def test_true_residual_shows_what_the_recurrence_hides() -> None:
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+    spd = q @ torch.diag(torch.tensor([1.0, 2, 3, 4, 5, 6], dtype=torch.float64)) @ q.T
+    indefinite = q @ torch.diag(torch.tensor([1.0, -2, 3, -4, 5, 0.01], dtype=torch.float64)) @ q.T
+    b = {"x": torch.randn(6, dtype=torch.float64)}
+    for a, good in ((spd, True), (indefinite, False)):
+        mv = lambda v, a=a: {"x": a @ v["x"]}  # noqa: E731
+        x, rec = conjugate_gradient(mv, b, iters=3)
+        true = float(true_residual(mv, b, x))
+        want = float((b["x"] - a @ x["x"]).norm() / b["x"].norm())
+        assert abs(true - want) < 1e-12
+        if good:
+            x, rec = conjugate_gradient(mv, b, iters=6)
+            assert float(true_residual(mv, b, x)) < 1e-10 and float(rec) < 1e-10
+    assert want > 0.05  # the indefinite system, 3 iterations: far from solved
+
+
+def test_batched_and_sequential_true_residuals_agree() -> None:
+    cfg = compose_config(["algo=imaml", "dtype=float64", "task.k_shot=5", "model.hidden=[8]"])
+    m = build_model(cfg).double()
+    tasks = (
+        build_sampler(cfg)
+        .sample("train", 3, torch.Generator().manual_seed(1))
+        .to(None, torch.float64)
+    )
+    kw = {"lam": 10.0, "inner_steps": 3, "inner_lr": 0.01, "cg_iters": 2}
+    p = IMAML(**kw).init_params(m)
+    a = IMAML(**kw, batching="batched")(m, p, tasks).metrics
+    b = IMAML(**kw, batching="sequential")(m, p, tasks).metrics
+    for k in ("cg_true_residual", "cg_true_residual_max"):
+        assert float(a[k]) > 0 and abs(float(a[k]) - float(b[k])) < 1e-12, k
+
+
+def test_a_run_whose_cg_does_not_converge_warns_once(tmp_path: Path) -> None:
+    _warnings.forget()
+    over = [*FAST, "algo=imaml", "algo.lam=0.1", "algo.cg_iters=1", "sanity_every=0"]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        train(compose_config(over), run_dir=tmp_path)
+    cg = [w for w in seen if "CG did not converge" in str(w.message)]
+    assert len(cg) == 1 and "algo.lam" in str(cg[0].message)
+    assert "imaml/cg_true_residual" in scalars(tmp_path / "tb")
+
+
+# ------------------------------------------------------------------ 2. memory
+
+
+def test_peak_memory_is_this_runs_and_not_inherited() -> None:
+    meter = PeakMemory(torch.device("cpu"), interval_s=0.001).start()
+    big = torch.ones(200 * 2**20 // 8, dtype=torch.float64)  # 200 MB, touched
+    time.sleep(0.05)
+    del big
+    first = meter.stop()
+    assert 150 < first < 400
+    second = PeakMemory(torch.device("cpu"), interval_s=0.001).start()
+    small = torch.ones(2**20)  # 4 MB
+    time.sleep(0.02)
+    del small
+    assert second.stop() < 100  # the 200 MB of the previous "job" are not this one's peak
+    assert rss_mb() > 0
+
+
+def test_results_report_the_runs_memory_kind(tmp_path: Path) -> None:
+    res = train(compose_config([*FAST, "sanity_every=0", "steps=2"]), run_dir=tmp_path)
+    assert res["peak_mem_kind"] == "cpu_rss_peak_above_start_sampled"
+    assert 0 <= res["peak_mem_mb"] < res["mem_at_start_mb"]  # the steps, not torch's ~1 GB
+    mem = [v for _, v in scalars(tmp_path / "tb")["perf/peak_mem_mb"]]
+    assert all(0 <= v < res["mem_at_start_mb"] for v in mem)
+
+
+# ------------------------------------------------------------------ 3. resume
+
+
+def test_resume_true_continues_the_latest_matching_run_in_its_directory(tmp_path: Path) -> None:
+    root = tmp_path / "outputs" / "default"
+    over = [*FAST, "sanity_every=0", "eval_every=0"]
+    train(compose_config([*over, "steps=2", "seed=1"]), run_dir=root / "t0")  # other config
+    train(compose_config([*over, "steps=2"]), run_dir=root / "t1")
+    os.utime(root / "t0" / CHECKPOINT)  # the newest file, but not this config
+    res = train(compose_config([*over, "steps=4", "resume=true"]), run_dir=root / "t2")
+    assert res["run_dir"] == str(root / "t1")
+    assert load_checkpoint(root / "t1" / CHECKPOINT)["step"] == 4
+    assert json.loads((root / "t1" / "results.json").read_text())["steps"] == 4
+    assert not (root / "t2" / "results.json").exists()
+    assert sorted(s for s, _ in scalars(root / "t1" / "tb")["train/loss"]) == [1, 2, 3, 4]
+
+
+def test_resume_true_without_a_match_says_so_and_starts_fresh(tmp_path: Path) -> None:
+    _warnings.forget()
+    with pytest.warns(RuntimeWarning, match="resume=true found no earlier run"):
+        res = train(compose_config([*FAST, "sanity_every=0", "steps=2", "resume=true"]),
+                    run_dir=tmp_path / "default" / "t0")  # fmt: skip
+    assert res["run_dir"] == str(tmp_path / "default" / "t0")
+
+
+# ------------------------------------------------------------------ 4. provenance, warnings
+
+
+def test_results_carry_provenance(tmp_path: Path) -> None:
+    res = train(compose_config([*FAST, "sanity_every=0", "steps=1"]), run_dir=tmp_path)
+    prov = json.loads((tmp_path / "results.json").read_text())["provenance"]
+    assert prov["torch"] == torch.__version__ and prov["theria"]
+    assert set(prov) >= {"triton", "cuda", "git", "host", "device_name", "started_at",
+                         "ended_at", "wall_time_s"}  # fmt: skip
+    assert prov["started_at"] <= prov["ended_at"] and prov["wall_time_s"] >= res["train_time_s"]
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()  # fmt: skip
+    assert prov["git"]["commit"] == head
+
+
+def test_forward_mode_hvp_raises_no_torch_jit_future_warning() -> None:
+    code = (
+        "import torch; from theria import autodiff; "
+        "autodiff.hvp(lambda x: (x**3).sum(), torch.ones(3), torch.ones(3), 'fwd_rev')"
+    )
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code], env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
