@@ -107,7 +107,7 @@ def test_a_run_whose_cg_does_not_converge_warns_once(tmp_path: Path) -> None:
         train(compose_config(over), run_dir=tmp_path)
     cg = [w for w in seen if "CG did not converge" in str(w.message)]
     assert len(cg) == 1 and "algo.lam" in str(cg[0].message)
-    assert "imaml/cg_true_residual" in scalars(tmp_path / "tb")
+    assert "imaml/cg_true_residual" in scalars(tmp_path / "default")
 
 
 # ------------------------------------------------------------------ 2. memory
@@ -132,7 +132,7 @@ def test_results_report_the_runs_memory_kind(tmp_path: Path) -> None:
     res = train(compose_config([*FAST, "sanity_every=0", "steps=2"]), run_dir=tmp_path)
     assert res["peak_mem_kind"] == "cpu_rss_peak_above_start_sampled"
     assert 0 <= res["peak_mem_mb"] < res["mem_at_start_mb"]  # the steps, not torch's ~1 GB
-    mem = [v for _, v in scalars(tmp_path / "tb")["perf/peak_mem_mb"]]
+    mem = [v for _, v in scalars(tmp_path / "default")["perf/peak_mem_mb"]]
     assert all(0 <= v < res["mem_at_start_mb"] for v in mem)
 
 
@@ -150,7 +150,7 @@ def test_resume_true_continues_the_latest_matching_run_in_its_directory(tmp_path
     assert load_checkpoint(root / "t1" / CHECKPOINT)["step"] == 4
     assert json.loads((root / "t1" / "results.json").read_text())["steps"] == 4
     assert not (root / "t2" / "results.json").exists()
-    assert sorted(s for s, _ in scalars(root / "t1" / "tb")["train/loss"]) == [1, 2, 3, 4]
+    assert sorted(s for s, _ in scalars(root / "t1" / "default")["train/loss"]) == [1, 2, 3, 4]
 
 
 def test_resume_true_without_a_match_says_so_and_starts_fresh(tmp_path: Path) -> None:
@@ -185,3 +185,42 @@ def test_forward_mode_hvp_raises_no_torch_jit_future_warning() -> None:
     out = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code], env=env,
                          capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ 5. TensorBoard
+
+
+def test_tensorboard_run_is_named_by_its_overrides_with_one_hparams_summary(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    over = ["algo=fomaml", "model.hidden=[8,8]", "seed=1", "resume=null", "hydra.verbose=false"]
+    monkeypatch.setattr(train_loop, "_overrides", lambda: over)  # as Hydra's job overrides
+    cfg = compose_config([*FAST, "algo=fomaml", "model.hidden=[8,8]", "seed=1"])
+    res = train(cfg, run_dir=tmp_path)
+    tb = tmp_path / "algo=fomaml,model.hidden=[8,8],seed=1"  # resume/hydra.* do not name runs
+    assert res["tensorboard"] == str(tb) and [p.name for p in tmp_path.glob("tb*")] == []
+    ea = EventAccumulator(str(tb))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    assert not any(t.startswith("hparam/") for t in tags)
+    assert {"hp_metric", "test/query_loss_post", "perf/train_time_s", "perf/peak_mem_mb",
+            "perf/step_time_s", "sanity/hvp_rev_vs_fd"} <= tags  # fmt: skip
+    hp_metric = ea.Scalars("hp_metric")[0].value  # stored as float32
+    assert abs(hp_metric - res["test"]["query_loss_post"]["mean"]) < 1e-6
+    content = ea.PluginTagToContent("hparams")
+    exp = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
+    names = {h.name for h in exp.experiment.hparam_infos}
+    assert {"algo.name", "model.hidden", "seed", "optim.lr"} <= names  # overrides + the core
+    metrics = {m.name.tag for m in exp.experiment.metric_infos}
+    assert {
+        "hp_metric",
+        "perf/step_time_s",
+        "perf/peak_mem_mb",
+        "sanity/maml_fd_rel_err",
+    } <= metrics
+    ssi = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    assert ssi.session_start_info.hparams["model.hidden"].string_value == "[8, 8]"
+    assert ssi.session_start_info.hparams["algo.name"].string_value == "fomaml"

@@ -32,7 +32,7 @@ def scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def test_tensorboard_holds_config_text_and_hparams(tmp_path: Path) -> None:
     train(compose_config([*FAST, "sanity_every=0", "steps=1"]), run_dir=tmp_path)
-    ea = EventAccumulator(str(tmp_path / "tb"))
+    ea = EventAccumulator(str(tmp_path / "default"))
     ea.Reload()
     assert "config/text_summary" in ea.Tags()["tensors"]  # the resolved config, as text
     text = ea.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
@@ -49,7 +49,7 @@ def test_tiny_run_writes_results_checkpoint_and_sanity_scalars(tmp_path: Path) -
     assert on_disk["test"] == json.loads(json.dumps(res["test"]))
     assert [h["step"] for h in on_disk["val_history"]] == [2, 4]
     assert load_checkpoint(tmp_path / CHECKPOINT)["step"] == 4
-    tb = scalars(tmp_path / "tb")
+    tb = scalars(tmp_path / "default")
     for name in SANITY:
         steps = [s for s, _ in tb[f"sanity/{name}"]]
         assert steps == [1, 2, 4], name  # step 1, then every sanity_every=2
@@ -61,7 +61,7 @@ def test_tiny_run_writes_results_checkpoint_and_sanity_scalars(tmp_path: Path) -
     for name in ("train/loss", "inner/support_loss_pre", "inner/query_loss_pre",
                  "val/query_loss_post", "val/support_loss_post", "perf/step_time_s",
                  "perf/tasks_per_s", "perf/peak_mem_mb", "lr/meta", "lr/inner",
-                 "hparam/test_query_loss_post"):  # fmt: skip
+                 "hp_metric", "test/query_loss_post"):  # fmt: skip
         assert name in tb, name
 
 
@@ -127,7 +127,7 @@ def test_resume_true_in_the_same_directory_continues(tmp_path) -> None:
     train(compose_config([*over, "steps=2"]), run_dir=tmp_path)  # nothing to resume: fresh
     train(compose_config([*over, "steps=4"]), run_dir=tmp_path)
     assert load_checkpoint(tmp_path / CHECKPOINT)["step"] == 4
-    tb = scalars(tmp_path / "tb")
+    tb = scalars(tmp_path / "default")
     # each step once (files of one second are read in name order, so sort the steps)
     assert sorted(s for s, _ in tb["train/loss"]) == [1, 2, 3, 4]
 

@@ -41,6 +41,7 @@ from theria.algos.common import resolve_batching, set_loss
 from theria.algos.step import MetaStep, NonFiniteStepError
 from theria.distributed import task_generator
 from theria.tasks import Episode, TaskSampler
+from theria.train import tboard
 from theria.train.build import (
     DTYPES,
     ConfigError,
@@ -69,7 +70,6 @@ RESULTS = "results.json"
 # iMAML: a true CG residual above this (relative, max over the tasks) is reported, once: the
 # meta-gradient error is at most cond(A) times it, so a larger one is no implicit gradient.
 CG_TOLERANCE = 0.05
-TB_DIR = "tb"
 # Meta-validation and meta-test tasks are the same for every training seed (paired
 # comparisons across a sweep); they come from generators seeded with these constants.
 VAL_SEED, TEST_SEED = 1_000_003, 2_000_003
@@ -135,16 +135,14 @@ def _check_resumable(saved: dict[str, Any], now: dict[str, Any], path: Path) -> 
 class _Scalars:
     """TensorBoard writer (imported only when enabled) and the console bar."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, start: int, enabled: bool = True) -> None:
+    def __init__(self, cfg: DictConfig, tb_dir: Path, start: int, enabled: bool = True) -> None:
         self.writer = None
         if cfg.logger.tensorboard and enabled:
             from torch.utils.tensorboard import SummaryWriter  # heavy: only when logging
 
             # purge_step: TensorBoard hides events at steps > `start` left in this folder by
             # the interrupted run (they are redone from the checkpoint)
-            self.writer = SummaryWriter(
-                str(run_dir / TB_DIR), purge_step=start + 1 if start else None
-            )
+            self.writer = SummaryWriter(str(tb_dir), purge_step=start + 1 if start else None)
         self.bar = None
         if cfg.logger.progress and enabled:
             from tqdm import tqdm
@@ -208,6 +206,7 @@ class Run:
     history: list[dict] = field(default_factory=list)
     elapsed: float = 0.0
     last_good: tuple[Path, int] | None = None
+    tb_label: str = ""  # the event folder <dir>/<tb_label> (theria.train.tboard.label)
     mem: PeakMemory | None = None  # this run's peak (theria.train.memory), from the first step
     started_at: str = ""
     t_start: float = 0.0
@@ -215,6 +214,10 @@ class Run:
     @property
     def ckpt_path(self) -> Path:
         return self.dir / CHECKPOINT
+
+    @property
+    def tb_dir(self) -> Path:
+        return self.dir / self.tb_label
 
 
 def _setup(cfg: DictConfig, run_dir: str | Path | None) -> Run:
@@ -303,6 +306,7 @@ def _resume(r: Run) -> None:
     r.train_gen.set_state(gens[r.ctx.rank])
     set_rng_state(state["rng"])
     r.start, r.history, r.elapsed = state["step"], state["history"], state["elapsed_s"]
+    r.tb_label = state.get("tb_label", r.tb_label)  # the curves continue in the same folder
     r.last_good = (resume_from, r.start)
     print(f"[theria.train] resumed from {resume_from} at step {r.start}", file=sys.stderr)
 
@@ -385,6 +389,7 @@ def _checkpoint(r: Run, step: int) -> None:
             "history": r.history,
             "elapsed_s": r.elapsed,
             "config": r.resolved,
+            "tb_label": r.tb_label,
         })  # fmt: skip
     D.barrier(r.ctx, "the barrier after writing the checkpoint")
     r.last_good = (r.ckpt_path, step)
@@ -494,14 +499,17 @@ def _finish(r: Run, log: _Scalars) -> dict[str, Any] | None:
         "batching": resolve_batching(r.algo.batching, r.model),
         "cuda_graph": bool(r.step_fn is not None and r.step_fn.graphed),
         "run_dir": str(r.dir),
-        "tensorboard": str(r.dir / TB_DIR) if cfg.logger.tensorboard else None,
+        "tensorboard": str(r.tb_dir) if cfg.logger.tensorboard else None,
         "checkpoint": str(r.ckpt_path),
     }
     results["provenance"] = provenance(r.device, r.started_at, time.perf_counter() - r.t_start)
     _write_json(r.dir / RESULTS, results)
     if log.writer is not None:
-        log.writer.add_hparams(_hparams(r.resolved), _final_metrics(test, r.history),
-                               run_name=".", global_step=cfg.steps)  # fmt: skip
+        metrics = {f"test/{k}": v["mean"] for k, v in test.items() if k.startswith("query")}
+        metrics |= {"hp_metric": test["query_loss_post"]["mean"], "perf/train_time_s": r.elapsed}
+        hp = tboard.hparams(_flatten(r.resolved), _overrides())
+        finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
+        tboard.write_hparams(log.writer, hp, finite, cfg.steps)
     return results
 
 
@@ -530,11 +538,12 @@ def train(
     started_at, t_start = now_iso(), time.perf_counter()
     r = _setup(cfg, run_dir)
     r.started_at, r.t_start = started_at, t_start
+    r.tb_label = tboard.label(_overrides(), cfg.name)
     cfg = r.cfg
     _resume(r)
     step_fn = r.step_fn = _meta_step(r, reduce_grads)
     r.mem = PeakMemory(r.device).start()  # this run's peak, not the process's (sweeps)
-    log = _Scalars(cfg, r.dir, r.start, enabled=r.ctx.is_main)
+    log = _Scalars(cfg, r.tb_dir, r.start, enabled=r.ctx.is_main)
     if log.writer is not None and r.start == 0:
         text = OmegaConf.to_yaml(cfg, resolve=True).replace("\n", "\n    ")
         log.writer.add_text("config", "    " + text)  # indented: a code block in markdown
@@ -600,21 +609,3 @@ def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
     tmp.replace(path)
-
-
-HPARAM_KEYS = ("algo.name", "attn.name", "task.name", "model.name", "seed", "meta_batch", "steps",
-               "dtype", "optim.name", "optim.lr", "algo.inner_steps", "algo.inner_lr",
-               "task.k_shot")  # fmt: skip
-
-
-def _hparams(resolved: dict[str, Any]) -> dict[str, Any]:
-    flat = _flatten(resolved)
-    return {k: flat[k] for k in HPARAM_KEYS if k in flat}
-
-
-def _final_metrics(test: dict[str, dict[str, float]], history: list[dict]) -> dict[str, float]:
-    out = {f"hparam/test_{k}": v["mean"] for k, v in test.items() if k.startswith("query")}
-    out["hparam/test_query_loss_post_ci95"] = test["query_loss_post"]["ci95"]
-    if history:
-        out["hparam/val_query_loss_post"] = history[-1]["query_loss_post"]
-    return {k: v for k, v in out.items() if math.isfinite(v)}
