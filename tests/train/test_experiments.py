@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -224,3 +225,42 @@ def test_tensorboard_run_is_named_by_its_overrides_with_one_hparams_summary(
     ssi = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
     assert ssi.session_start_info.hparams["model.hidden"].string_value == "[8, 8]"
     assert ssi.session_start_info.hparams["algo.name"].string_value == "fomaml"
+
+
+def test_labels_keep_what_the_sweep_varies() -> None:
+    from theria.train import tboard
+
+    job = ["experiment=demo", "algo=maml", "seed=1", "model.dim=64", "resume=true",
+           "hydra.run.dir=a/b"]  # fmt: skip
+    assert tboard.label(job, "demo", {"algo", "seed"}) == "algo=maml,seed=1"
+    assert tboard.label(job, "demo") == "experiment=demo,algo=maml,seed=1,model.dim=64"
+    assert tboard.label([], "demo") == "demo" and tboard.label(["resume=true"], "x") == "x"
+    assert tboard.label(["data_dir=/a/b c"], "x") == "data_dir=_a_b_c"
+    assert all(tboard._swept(v) for v in ("fomaml,maml", "range(3)", "choice(1,2)"))
+    assert not tboard._swept("[8,8]") and not tboard._swept("0.1")
+
+
+@pytest.mark.slow
+def test_sweep_opens_in_tensorboard_named_by_its_overrides(tmp_path: Path) -> None:
+    """A real multirun (basic launcher): event folders named by the swept keys only; then, when
+    chromium is installed, the screenshot script renders the Scalars and HParams tabs."""
+    sweep = tmp_path / "sweep"
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    out = subprocess.run(
+        [sys.executable, "-m", "theria.train", "-m", "debug=fast", "model.hidden=[8]",
+         "algo=fomaml,maml,imaml", "seed=0,1", "logger.progress=false",
+         f"hydra.sweep.dir={sweep}"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = sorted(str(p.parent.relative_to(sweep)) for p in sweep.glob("*/*/events.out.*"))
+    want = [f"{i}/algo={a},seed={s}" for i, (a, s) in
+            enumerate((a, s) for a in ("fomaml", "maml", "imaml") for s in (0, 1))]  # fmt: skip
+    assert sorted(set(runs)) == sorted(want)
+    if shutil.which("chromium") is None:
+        pytest.skip("chromium not installed: the screenshot half of this test did not run")
+    sys.path.insert(0, str(REPO / "experiments"))
+    from tensorboard_screenshot import screenshot
+
+    png = screenshot(sweep, tmp_path / "tb.png", budget_ms=10000)
+    assert 20_000 < png.stat().st_size < 300_000

@@ -507,7 +507,7 @@ def _finish(r: Run, log: _Scalars) -> dict[str, Any] | None:
     if log.writer is not None:
         metrics = {f"test/{k}": v["mean"] for k, v in test.items() if k.startswith("query")}
         metrics |= {"hp_metric": test["query_loss_post"]["mean"], "perf/train_time_s": r.elapsed}
-        hp = tboard.hparams(_flatten(r.resolved), _overrides())
+        hp = tboard.hparams(_flatten(r.resolved), _overrides(), tboard.sweep_keys())
         finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
         tboard.write_hparams(log.writer, hp, finite, cfg.steps)
     return results
@@ -538,7 +538,7 @@ def train(
     started_at, t_start = now_iso(), time.perf_counter()
     r = _setup(cfg, run_dir)
     r.started_at, r.t_start = started_at, t_start
-    r.tb_label = tboard.label(_overrides(), cfg.name)
+    r.tb_label = tboard.label(_overrides(), cfg.name, tboard.sweep_keys())
     cfg = r.cfg
     _resume(r)
     step_fn = r.step_fn = _meta_step(r, reduce_grads)

@@ -11,6 +11,7 @@ so that `tensorboard --logdir outputs/multirun/<name>/<time>` lists runs as `0/a
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 # Overrides that do not tell runs apart (they may change on resume, or are where things go):
@@ -32,22 +33,58 @@ def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def label(overrides: list[str], name: str) -> str:
+_SWEEP_SYNTAX = re.compile(r",|^(range|choice|interval|glob|tag)\(")
+
+
+def _swept(value: str) -> bool:
+    """Whether an override's value is Hydra sweep syntax (a list `[8,8]` is one value)."""
+    return not value.startswith(("[", "{")) and bool(_SWEEP_SYNTAX.search(value))
+
+
+def sweep_keys() -> set[str] | None:
+    """Under a Hydra multirun: the keys the sweep varies (overrides written with sweep syntax,
+    `algo=fomaml,maml` or `seed=range(3)`, in <sweep dir>/multirun.yaml, and the keys of
+    hydra.sweeper.params); None outside a multirun or without that file."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+        from omegaconf import OmegaConf
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):  # not under @hydra.main
+        return None
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    path = Path(hc.sweep.dir) / "multirun.yaml"
+    if not path.is_file():
+        return None
+    main = OmegaConf.load(path)
+    keys = {_key(o) for o in main.hydra.overrides.task if _swept(o.split("=", 1)[-1])}
+    params = OmegaConf.select(main, "hydra.sweeper.params") or {}
+    return keys | {str(k) for k in params}
+
+
+def label(overrides: list[str], name: str, varying: set[str] | None = None) -> str:
     """The run's folder name: its distinguishing overrides joined by commas (as Hydra names
-    multirun jobs), "/" made "_", at most 120 characters; `name` when there are none."""
-    keep = [o for o in overrides if not _key(o).startswith(_NOT_IN_LABEL)]
+    multirun jobs) — in a sweep (`varying`, from `sweep_keys`) only those the sweep varies —
+    "/" made "_", at most 120 characters; `name` when there are none."""
+    keep = [o for o in overrides if not _key(o).startswith(_NOT_IN_LABEL)
+            and (varying is None or _key(o) in varying)]  # fmt: skip
     text = ",".join(keep) or name
     text = re.sub(r"[/\\\s]+", "_", text)
     return text[:120]
 
 
-def hparams(flat: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """The core keys plus every key (or config group) the overrides set, with values
-    TensorBoard accepts (bool, int, float, str; anything else as its str)."""
+def hparams(
+    flat: dict[str, Any], overrides: list[str], varying: set[str] | None = None
+) -> dict[str, Any]:
+    """The core keys plus every key (or config group) the overrides set — in a sweep
+    (`varying`) those it varies — with values TensorBoard accepts (bool, int, float, str;
+    anything else as its str)."""
     keys = list(CORE_HPARAMS)
     for o in overrides:
         k = _key(o)
-        if k.startswith(("hydra.", "resume")):
+        if k.startswith(("hydra.", "resume")) or (varying is not None and k not in varying):
             continue
         if k not in flat and f"{k}.name" in flat:  # a config group: algo=maml -> algo.name
             k = f"{k}.name"
