@@ -264,3 +264,27 @@ def test_sweep_opens_in_tensorboard_named_by_its_overrides(tmp_path: Path) -> No
 
     png = screenshot(sweep, tmp_path / "tb.png", budget_ms=10000)
     assert 20_000 < png.stat().st_size < 300_000
+
+
+# ------------------------------------------------------------------ 6. progress
+
+
+def test_progress_without_a_terminal_prints_lines_without_nan(tmp_path: Path, capsys) -> None:
+    train(compose_config([*FAST, "sanity_every=0", "logger.progress=true"]), run_dir=tmp_path)
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("[default] step")]
+    assert len(lines) == 2 and lines[-1].startswith("[default] step 4/4")  # one per validation
+    assert "val=" in lines[0] and "nan" not in err and "it/s" not in err  # no bar redraws
+
+
+def test_progress_bar_on_a_terminal_labels_and_shows_evaluation(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    monkeypatch.setattr(train_loop, "_overrides", lambda: ["algo=fomaml", "seed=3"])
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    cfg = compose_config([*FAST, "algo=fomaml", "seed=3", "sanity_every=0", "logger.progress=true"])
+    train(cfg, run_dir=tmp_path)
+    err = capsys.readouterr().err
+    assert "algo=fomaml,seed=3:" in err  # the bar's label: the job's overrides
+    assert "algo=fomaml,seed=3 val" in err and "algo=fomaml,seed=3 meta-test" in err
+    assert "val=nan" not in err and "val=" in err

@@ -4,7 +4,7 @@ summarize over tasks with a 95% confidence interval."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -109,9 +109,11 @@ def evaluate(
     chunk: int = 25,
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Mean and 95% CI over `n_tasks` tasks of `split`, the same tasks for the same `seed`
-    (drawn in chunks of `chunk` to bound memory). Keys as in `evaluate_tasks`."""
+    (drawn in chunks of `chunk` to bound memory). Keys as in `evaluate_tasks`. `progress`,
+    when given, is called with the number of tasks done after each chunk (a bar's update)."""
     g = torch.Generator().manual_seed(seed)
     per_task: dict[str, list[Tensor]] = {}
     done = 0
@@ -121,6 +123,8 @@ def evaluate(
         for k, v in evaluate_tasks(algo, model, params, tasks, steps).items():
             per_task.setdefault(k, []).append(v)
         done += n
+        if progress is not None:
+            progress(n)
     return {k: mean_ci95(torch.cat(v)) for k, v in per_task.items()}
 
 

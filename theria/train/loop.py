@@ -135,7 +135,8 @@ def _check_resumable(saved: dict[str, Any], now: dict[str, Any], path: Path) -> 
 class _Scalars:
     """TensorBoard writer (imported only when enabled) and the console bar."""
 
-    def __init__(self, cfg: DictConfig, tb_dir: Path, start: int, enabled: bool = True) -> None:
+    def __init__(self, cfg: DictConfig, tb_dir: Path, start: int, enabled: bool = True,
+                 label: str = "") -> None:  # fmt: skip
         self.writer = None
         if cfg.logger.tensorboard and enabled:
             from torch.utils.tensorboard import SummaryWriter  # heavy: only when logging
@@ -143,12 +144,48 @@ class _Scalars:
             # purge_step: TensorBoard hides events at steps > `start` left in this folder by
             # the interrupted run (they are redone from the checkpoint)
             self.writer = SummaryWriter(str(tb_dir), purge_step=start + 1 if start else None)
+        # Lightning's habits: a bar on a terminal; where stderr is not one (sweeps, SLURM
+        # logs, joblib workers) a plain line per validation instead of bar redraws.
+        self.label = label or cfg.name
+        self.steps = cfg.steps
+        show = bool(cfg.logger.progress and enabled)
+        self.lines = show and not sys.stderr.isatty()
         self.bar = None
-        if cfg.logger.progress and enabled:
+        self.post: dict[str, str] = {}  # the bar's postfix: no placeholder before a value exists
+        if show and not self.lines:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=cfg.steps, initial=start, desc=cfg.name, dynamic_ncols=True,
+            self.bar = tqdm(total=cfg.steps, initial=start, desc=self.label, dynamic_ncols=True,
                             file=sys.stderr)  # fmt: skip
+
+    def show(self, refresh: bool = False, **values: str) -> None:
+        """Sets postfix values (a later value replaces an earlier one, e.g. val)."""
+        self.post |= values
+        if self.bar is not None:
+            self.bar.set_postfix(self.post, refresh=refresh)
+
+    def line(self, step: int) -> None:
+        """Without a terminal: one line with the current values."""
+        if self.lines:
+            vals = " ".join(f"{k}={v}" for k, v in self.post.items())
+            print(f"[{self.label}] step {step}/{self.steps} {vals}", file=sys.stderr, flush=True)
+
+    def phase(self, what: str, total: int) -> Callable[[int], object] | None:
+        """A transient bar under the main one for a validation or the meta-test (its update
+        function), None without a terminal bar."""
+        if self.bar is None or total <= 0:
+            return None
+        from tqdm import tqdm
+
+        sub = tqdm(total=total, desc=f"{self.label} {what}", unit="task", leave=False,
+                   dynamic_ncols=True, file=sys.stderr, position=1)  # fmt: skip
+
+        def update(n: int) -> None:
+            sub.update(n)
+            if sub.n >= total:
+                sub.close()
+
+        return update
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer is not None:
@@ -421,7 +458,7 @@ def _non_finite(r: Run, e: NonFiniteStepError) -> NonFiniteLossError:
 
 
 def _log_step(r: Run, log: _Scalars, step: int, stats: dict[str, Tensor], tasks: Episode,
-              lr: float, window: list[float], val_loss: float) -> None:  # fmt: skip
+              lr: float, window: list[float]) -> None:  # fmt: skip
     """Scalars of this step (reading the device: only at log steps) to TensorBoard and the bar."""
     m = {k: float(v) for k, v in stats.items()}
     mean_dt = sum(window) / len(window)
@@ -446,12 +483,10 @@ def _log_step(r: Run, log: _Scalars, step: int, stats: dict[str, Tensor], tasks:
                   f"tasks) > {CG_TOLERANCE}, so the meta-gradient is not the implicit one; "
                   "raise algo.lam, algo.cg_iters or algo.cg_damping (docs/METRICS.md)")  # fmt: skip
     log.scalars(scalars, step)
-    if log.bar is not None:
-        post = {"loss": f"{m['query_loss']:.4g}", "val": f"{val_loss:.4g}",
-                "tasks/s": f"{r.cfg.meta_batch / mean_dt:.1f}"}  # fmt: skip
-        if "query_acc" in m:
-            post["acc"] = f"{m['query_acc']:.3f}"
-        log.bar.set_postfix(post, refresh=False)
+    post = {"loss": f"{m['query_loss']:.4g}", "tasks/s": f"{r.cfg.meta_batch / mean_dt:.1f}"}
+    if "query_acc" in m:
+        post["acc"] = f"{m['query_acc']:.3f}"
+    log.show(**post)  # val joins once a validation ran (_validate), never as nan
 
 
 def _sanity(r: Run, log: _Scalars, step: int, tasks: Episode) -> None:
@@ -467,11 +502,14 @@ def _sanity(r: Run, log: _Scalars, step: int, tasks: Episode) -> None:
 # --------------------------------------------------------------------------- evaluate
 
 
-def _validate(r: Run, step: int) -> dict[str, dict[str, float]]:
+def _validate(r: Run, step: int, log: _Scalars) -> dict[str, dict[str, float]]:
     cfg = r.cfg
     val = evaluate(r.algo, r.model, r.params, r.sampler, "val", cfg.val_tasks, VAL_SEED,
-                   cfg.algo.eval_inner_steps, device=r.device, dtype=r.dtype)  # fmt: skip
+                   cfg.algo.eval_inner_steps, device=r.device, dtype=r.dtype,
+                   progress=log.phase("val", cfg.val_tasks))  # fmt: skip
     r.history.append({"step": step} | {k: v["mean"] for k, v in val.items()})
+    log.show(refresh=True, val=f"{val['query_loss_post']['mean']:.4g}")
+    log.line(step)
     return val
 
 
@@ -482,7 +520,8 @@ def _finish(r: Run, log: _Scalars) -> dict[str, Any] | None:
     cfg = r.cfg
     train_peak = r.mem.stop() if r.mem is not None else float("nan")  # before the meta-test
     test = evaluate(r.algo, r.model, r.params, r.sampler, "test", cfg.test_tasks, TEST_SEED,
-                    cfg.algo.eval_inner_steps, device=r.device, dtype=r.dtype)  # fmt: skip
+                    cfg.algo.eval_inner_steps, device=r.device, dtype=r.dtype,
+                    progress=log.phase("meta-test", cfg.test_tasks))  # fmt: skip
     results = {
         "name": cfg.name,
         "overrides": _overrides(),
@@ -543,12 +582,13 @@ def train(
     _resume(r)
     step_fn = r.step_fn = _meta_step(r, reduce_grads)
     r.mem = PeakMemory(r.device).start()  # this run's peak, not the process's (sweeps)
-    log = _Scalars(cfg, r.tb_dir, r.start, enabled=r.ctx.is_main)
+    log = _Scalars(cfg, r.tb_dir, r.start, enabled=r.ctx.is_main, label=r.tb_label)
     if log.writer is not None and r.start == 0:
         text = OmegaConf.to_yaml(cfg, resolve=True).replace("\n", "\n    ")
         log.writer.add_text("config", "    " + text)  # indented: a code block in markdown
     window: list[float] = []
-    val_loss = r.history[-1]["query_loss_post"] if r.history else float("nan")
+    if r.history:  # resumed: the last validation so far
+        log.show(val=f"{r.history[-1]['query_loss_post']:.4g}")
     pin = r.device.type == "cuda"
     try:
         for step in range(r.start + 1, cfg.steps + 1):
@@ -579,14 +619,13 @@ def train(
 
             # 3. log
             if is_log:
-                _log_step(r, log, step, stats, tasks, float(lr), window, val_loss)
+                _log_step(r, log, step, stats, tasks, float(lr), window)
                 window.clear()
             if is_sanity:
                 _sanity(r, log, step, tasks)
             # 4. evaluate
             if is_val:
-                val = _validate(r, step)
-                val_loss = val["query_loss_post"]["mean"]
+                val = _validate(r, step, log)
                 log.scalars({f"val/{k}": v["mean"] for k, v in val.items()}, step)
             # 5. checkpoint
             if is_ckpt:
