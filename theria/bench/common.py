@@ -18,7 +18,9 @@ import torch
 from theria._environment import environment
 
 __all__ = [
+    "DEFAULT_OUT",
     "RESULTS_DIR",
+    "Progress",
     "command_line",
     "environment",
     "markdown_table",
@@ -26,7 +28,27 @@ __all__ = [
     "write_result",
 ]
 
-RESULTS_DIR = Path(__file__).resolve().parents[2] / "experiments" / "results"
+RESULTS_DIR = Path(__file__).resolve().parents[2] / "experiments" / "results"  # committed tables
+# Where a suite writes without --out: outside the committed tables (which change only when a
+# run is meant to replace them: --out experiments/results), relative to the working directory.
+DEFAULT_OUT = Path("outputs") / "bench"
+
+
+class Progress:
+    """`[k/n] what · 12 s elapsed · ETA 30 s` lines (flushed) for a suite of `total` items; the
+    ETA is the mean time per finished item times the items left."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.total, self.label, self.done = total, label, 0
+        self.t0 = time.perf_counter()
+
+    def step(self, what: str) -> None:
+        elapsed = time.perf_counter() - self.t0
+        eta = (f"ETA {elapsed / self.done * (self.total - self.done):.0f} s" if self.done
+               else "ETA unknown")  # fmt: skip
+        self.done += 1
+        print(f"[{self.label} {self.done}/{self.total}] {what} · {elapsed:.0f} s elapsed · "
+              f"{eta}", flush=True)  # fmt: skip
 
 
 def _exact_cpu_rss() -> None:
@@ -136,9 +158,10 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 def write_result(
     name: str, title: str, env: dict[str, str], body: str, out_dir: Path | None = None
 ) -> Path:
-    """Write `body` (markdown) under experiments/results/<name>.md with an environment header;
-    returns the path. Prints the same text."""
-    out_dir = RESULTS_DIR if out_dir is None else Path(out_dir)
+    """Write `body` (markdown) under `out_dir`/<name>.md (default DEFAULT_OUT, outputs/bench;
+    the committed tables are under RESULTS_DIR) with an environment header; returns the path.
+    Prints the same text."""
+    out_dir = DEFAULT_OUT if out_dir is None else Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     header = "\n".join(f"- {k}: {v}" for k, v in env.items())
     text = f"# {title}\n\n{header}\n\n{body}\n"

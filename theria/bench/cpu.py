@@ -27,7 +27,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import theria
 from theria import autodiff
-from theria.bench.common import environment, markdown_table, measure, write_result
+from theria.bench.common import (
+    Progress,
+    command_line,
+    environment,
+    markdown_table,
+    measure,
+    write_result,
+)
 
 
 def _math_sdpa(q, k, v):
@@ -61,7 +68,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--modes", nargs="+", default=["rev_rev", "fwd_rev"])
-    ap.add_argument("--out", default=None, help="results folder (default experiments/results)")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="results folder (default outputs/bench; the committed tables: experiments/results)",
+    )
     ap.add_argument("--name", default="hvp_cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args(argv)
@@ -71,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     env = environment("cpu")
     rows = []
     summary = {}
+    progress = Progress(len(args.sizes) * len(args.modes) * len(PATHS), "bench cpu")
     for n in args.sizes:
         g = torch.Generator().manual_seed(n)
         shape = (args.batch, args.heads, n, args.dim)
@@ -80,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
             ref_hv, calls = None, {}
             for name, attn in PATHS.items():
                 loss = _loss(attn)
-                print(f"N={n} {mode} {name}: check and peak memory", flush=True)
+                progress.step(f"N={n} {mode} {name}: check, peak memory, {args.repeats} timings")
                 try:
                     hv = autodiff.hvp(loss, (q, k, v), u, mode)
                 except Exception as e:  # a path that cannot do this mode is a result
@@ -128,12 +140,12 @@ def main(argv: list[str] | None = None) -> None:
         + "\n\nRatios theria torch / PyTorch math SDPA "
         "(targets at N=2048: time <= 1.5, memory <= 0.25):\n\n"
         + markdown_table(["N", "mode", "time ratio", "memory ratio"], ratio_rows)
-        + "\n\nReproduce: `python -m theria.bench cpu`"
+        + f"\n\nReproduce: `{command_line('python -m theria.bench cpu', args, ap, always=())}`"
     )
     write_result(
         args.name,
         "HVP through one attention call, CPU",
         env,
         body,
-        None if args.out is None else __import__("pathlib").Path(args.out),
+        args.out,
     )

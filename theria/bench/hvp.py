@@ -286,7 +286,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-fp32", type=int, default=8192, help="largest fp32 N for triton")
     ap.add_argument("--no-check", action="store_true", help="skip the 2× rule correctness check")
     ap.add_argument("--sweep", action="store_true", help="time tile configurations first")
-    ap.add_argument("--out", default=None, help="results folder (default experiments/results)")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="results folder (default outputs/bench; the committed tables: experiments/results)",
+    )
     ap.add_argument("--name", default="triton_hvp_h100")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

@@ -258,7 +258,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-truth", type=int, default=1 << 30, help="no float64 truth above L")
     ap.add_argument("--max-peer", type=int, default=1 << 30, help="only theria above this L")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: unchanged)")
-    ap.add_argument("--out", default=None, help="results folder (default experiments/results)")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="results folder (default outputs/bench; the committed tables: experiments/results)",
+    )
     ap.add_argument("--name", default=None, help="result file name (default meta_batched_<dev>)")
     return ap
 

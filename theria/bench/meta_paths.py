@@ -174,7 +174,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: unchanged)")
-    ap.add_argument("--out", default=None, help="results folder (default experiments/results)")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="results folder (default outputs/bench; the committed tables: experiments/results)",
+    )
     ap.add_argument("--name", default=None, help="result file name (default meta_step_<device>)")
     return ap
 
