@@ -58,7 +58,9 @@ def summarize(runs: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
         groups[setting_of(run, common)].append(run)
     rows = []
     for label, members in groups.items():
-        row: dict[str, Any] = {"setting": label, "n_seeds": len(members)}
+        # distinct seeds: a rerun is not a new one (a run without a seed counts as its own)
+        seeds = {m["config"].get("seed", m["_path"]) for m in members}
+        row: dict[str, Any] = {"setting": label, "n_seeds": len(seeds), "n_runs": len(members)}
         for key in (metric, metric.replace("loss", "acc"), metric.replace("_post", "_pre")):
             if not all(key in m["test"] for m in members):
                 continue
@@ -69,6 +71,10 @@ def summarize(runs: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
                 row[key] = mean_ci95([m["test"][key]["mean"] for m in members])
                 row[key + "_ci_over"] = "seeds"
         row["step_time_s"] = sum(m["train_time_s"] / m["steps"] for m in members) / len(members)
+        mems = [m["peak_mem_mb"] for m in members if m.get("peak_mem_mb") is not None]
+        row["peak_mem_mb"] = max(mems) if mems else None
+        sanity = [v for m in members for v in (m.get("sanity_max") or {}).values()]
+        row["sanity_max"] = max(sanity) if sanity else None
         curves: dict[int, list[float]] = defaultdict(list)
         for m in members:
             for h in m["val_history"]:
@@ -91,12 +97,17 @@ def to_markdown(rows: list[dict[str, Any]], metric: str, title: str) -> str:
     has_acc = any(acc in r for r in rows)
     head = ["setting", "seeds", f"meta-test {metric}"]
     head += [f"meta-test {acc}"] if has_acc else []
-    head += [f"meta-test {pre}", "s / step"]
+    head += [f"meta-test {pre}", "s / step", "peak MB", "sanity max"]
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [f"`{r['setting']}`", str(r["n_seeds"]), _cell(r.get(metric))]
+        seeds = str(r["n_seeds"]) + (
+            f" ({r['n_runs']} runs)" if r["n_runs"] != r["n_seeds"] else ""
+        )
+        cells = [f"`{r['setting']}`", seeds, _cell(r.get(metric))]
         cells += [_cell(r.get(acc))] if has_acc else []
+        mem, san = r.get("peak_mem_mb"), r.get("sanity_max")
         cells += [_cell(r.get(pre)), f"{r['step_time_s']:.3g}"]
+        cells += ["–" if mem is None else f"{mem:.4g}", "–" if san is None else f"{san:.1e}"]
         lines.append("| " + " | ".join(cells) + " |")
     notes = {
         "seeds": "over seeds: Student t on the per-seed meta-test means",
@@ -104,7 +115,10 @@ def to_markdown(rows: list[dict[str, Any]], metric: str, title: str) -> str:
     }
     over = sorted({r.get(metric + "_ci_over") for r in rows} - {None})
     lines += ["", "mean ± half-width of the 95% confidence interval ("
-              + "; ".join(notes[o] for o in over) + ")."]  # fmt: skip
+              + "; ".join(notes[o] for o in over) + "). seeds: distinct seeds (runs, when a "
+              "seed ran more than once); peak MB: the largest peak_mem_mb of the setting's runs "
+              "(results.json's peak_mem_kind says what it measures); sanity max: the largest "
+              "sanity/* value of its runs (docs/METRICS.md: healthy < 1e-5)."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -118,14 +132,15 @@ def plot(rows: list[dict[str, Any]], metric: str, path: Path, title: str) -> Non
     labels = [r["setting"] for r in rows]
     means = [r[metric]["mean"] if metric in r else float("nan") for r in rows]
     errs = [r[metric]["ci95"] if metric in r else 0.0 for r in rows]
-    bars.barh(range(len(rows)), means, xerr=errs, capsize=3, color="tab:blue", alpha=0.8)
+    colors = [f"C{i % 10}" for i in range(len(rows))]  # the same colour as the row's curve
+    bars.barh(range(len(rows)), means, xerr=errs, capsize=3, color=colors, alpha=0.8)
     bars.set_yticks(range(len(rows)), labels, fontsize=7)
     bars.invert_yaxis()
     bars.set_xlabel(f"meta-test {metric} (mean ± 95% CI)")
-    for r in rows:
+    for r, color in zip(rows, colors, strict=True):
         if r["curve"]:
             steps, values = zip(*r["curve"], strict=True)
-            curves.plot(steps, values, marker="o", ms=3, label=r["setting"])
+            curves.plot(steps, values, marker="o", ms=3, label=r["setting"], color=color)
     curves.set_xlabel("meta-training step")
     curves.set_ylabel(f"meta-val {metric} (mean over seeds)")
     if any(r["curve"] for r in rows):
@@ -134,6 +149,16 @@ def plot(rows: list[dict[str, Any]], metric: str, path: Path, title: str) -> Non
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _title(runs: list[dict[str, Any]]) -> str:
+    """Name and steps when every run shares them; a mixed folder says that it is one."""
+    names = sorted({r["name"] for r in runs})
+    steps = sorted({r["steps"] for r in runs})
+    what = names[0] if len(names) == 1 else f"mixed folder ({', '.join(names)})"
+    span = (f"{steps[0]} meta-training steps" if len(steps) == 1
+            else f"{steps[0]}–{steps[-1]} meta-training steps")  # fmt: skip
+    return f"{what}: {len(runs)} runs, {span}"
 
 
 def report(root: Path, metric: str = "query_loss_post", out: Path | None = None) -> Path:
@@ -148,7 +173,7 @@ def report(root: Path, metric: str = "query_loss_post", out: Path | None = None)
     out = out or root
     out.mkdir(parents=True, exist_ok=True)
     rows = summarize(runs, metric)
-    title = f"{runs[0]['name']}: {len(runs)} runs, {runs[0]['steps']} meta-training steps"
+    title = _title(runs)
     common = sorted(frozenset.intersection(*(frozenset(r.get("overrides", [])) for r in runs)))
     if common:
         title += f" ({' '.join(common)})"

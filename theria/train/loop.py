@@ -246,6 +246,7 @@ class Run:
     tb_label: str = ""  # the event folder <dir>/<tb_label> (theria.train.tboard.label)
     mem: PeakMemory | None = None  # this run's peak (theria.train.memory), from the first step
     started_at: str = ""
+    sanity_max: dict[str, float] = field(default_factory=dict)  # this invocation's worst checks
     t_start: float = 0.0
 
     @property
@@ -497,6 +498,8 @@ def _sanity(r: Run, log: _Scalars, step: int, tasks: Episode) -> None:
     # backend='triton' falls back to it with a one-time warning).
     checks = sanity_checks(r.model, r.params, tasks, r.algo, seed=step)
     log.scalars({f"sanity/{k}": v for k, v in checks.items()}, step)
+    for k, v in checks.items():  # results.json's sanity_max: the worst value of the run
+        r.sanity_max[k] = max(r.sanity_max.get(k, 0.0), v)
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -533,6 +536,7 @@ def _finish(r: Run, log: _Scalars) -> dict[str, Any] | None:
         "peak_mem_mb": train_peak,  # this run's steps: see peak_mem_kind, theria.train.memory
         "peak_mem_kind": r.mem.kind if r.mem is not None else None,
         "mem_at_start_mb": r.mem.start_mb if r.mem is not None else None,
+        "sanity_max": r.sanity_max,
         "device": str(r.device),
         "world_size": r.ctx.world_size,
         "batching": resolve_batching(r.algo.batching, r.model),
