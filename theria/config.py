@@ -96,7 +96,7 @@ class OptimConfig:
 
 @dataclass
 class LoggerConfig:
-    """conf/logger/: where metrics go. TensorBoard files land in <run dir>/tb."""
+    """conf/logger/: where metrics go (TensorBoard folders: theria.train.tboard)."""
 
     tensorboard: bool = MISSING
     progress: bool = MISSING  # a tqdm bar on the console

@@ -9,7 +9,9 @@
 
 `train(cfg, run_dir=None, *, reduce_grads=None) -> dict` (results.json's contents); the
 config groups live in conf/ and their types in theria/config.py. Outputs of a run directory:
-tb/ (TensorBoard), checkpoints/last.pt, results.json (meta-test mean and 95% CI).
+<label>/ (TensorBoard events; the label is the run's overrides, theria.train.tboard),
+checkpoints/last.pt, results.json (meta-test mean and 95% CI, memory, provenance:
+docs/METRICS.md).
 """
 
 from __future__ import annotations
