@@ -53,6 +53,7 @@ from theria.train.checkpoint import (
     set_rng_state,
 )
 from theria.train.evaluate import evaluate
+from theria.train.faults import NonFiniteLossError, cause, check_params
 
 RESULTS = "results.json"
 TB_DIR = "tb"
@@ -66,10 +67,6 @@ RESUMABLE_CHANGES = ("resume", "name", "device", "threads", "steps", "eval_every
                      "dist.timeout_s")  # fmt: skip
 
 ReduceGrads = Callable[[Params], Params]
-
-
-class NonFiniteLossError(RuntimeError):
-    """The meta-loss or meta-gradient became NaN/inf; the run stopped before applying it."""
 
 
 def _run_dir(cfg: DictConfig, run_dir: str | Path | None) -> Path:
@@ -320,7 +317,7 @@ def train(
                 )  # fmt: skip
                 raise NonFiniteLossError(
                     f"non-finite {bad} at step {step} of {cfg.steps}: stopped before applying "
-                    f"it; {where}. Lower optim.lr or set optim.grad_clip."
+                    f"it; {where}. {cause(result.metrics, first_step=step == 1)}."
                 )
             for k, p in params.items():
                 p.grad = grads[k].to(p.dtype)
@@ -329,6 +326,7 @@ def train(
                 torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.optim.grad_clip)
             lr = optim.scheduler.get_last_lr()[0]
             optim.optimizer.step()
+            check_params(params, step, cfg.steps)  # the outer step left finite parameters
             optim.scheduler.step()
             optim.optimizer.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
