@@ -19,7 +19,6 @@ import resource
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +53,7 @@ from theria.train.checkpoint import (
 )
 from theria.train.evaluate import evaluate
 from theria.train.faults import NonFiniteLossError, cause, check_params
+from theria.train.rundir import claim, default_run_dir
 
 RESULTS = "results.json"
 TB_DIR = "tb"
@@ -76,9 +76,10 @@ def _run_dir(cfg: DictConfig, run_dir: str | Path | None) -> Path:
 
             run_dir = HydraConfig.get().runtime.output_dir
         except ValueError:  # not under @hydra.main: a fresh folder like Hydra's
-            run_dir = Path("outputs") / cfg.name / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+            run_dir = default_run_dir(cfg.name)
     path = Path(run_dir)
     path.mkdir(parents=True, exist_ok=True)
+    claim(path, cfg.resume)  # this run owns the folder, or it fails here, before any work
     return path
 
 
