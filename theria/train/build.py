@@ -129,13 +129,22 @@ def _check_values(typed: DictConfig) -> None:
             )
     # A step size beyond the dtype's range makes the first update inf (SGD: p - lr·g): refuse
     # it here rather than at step 1 with a non-finite error.
+    # Adam's first step is lr / (1 - beta1) (bias correction), which torch converts to the
+    # parameters' dtype: beyond its range the step raises a raw "cannot be converted" error.
     big = torch.finfo(DTYPES[typed.dtype]).max
-    for key in ("optim.lr", "algo.inner_lr"):
-        if OmegaConf.select(typed, key) > big:
-            raise ConfigError(
-                f"{key}={OmegaConf.select(typed, key)!r}: expected a step size below "
-                f"{big:.3g}, the largest {typed.dtype}"
-            )
+    o = typed.optim
+    first = o.lr / (1.0 - o.betas[0]) if o.name in ("adam", "adamw") else o.lr
+    if first > big:
+        how = f" (Adam's first step lr/(1 - betas[0]) = {first:.3g})" if first != o.lr else ""
+        raise ConfigError(
+            f"optim.lr={o.lr!r}: expected a step size below {big:.3g}, the largest "
+            f"{typed.dtype}{how}"
+        )
+    if typed.algo.inner_lr > big:
+        raise ConfigError(
+            f"algo.inner_lr={typed.algo.inner_lr!r}: expected a step size below {big:.3g}, the "
+            f"largest {typed.dtype}"
+        )
 
 
 def check_config(cfg: DictConfig) -> DictConfig:
