@@ -104,6 +104,8 @@ BAD_VALUES = [
     ("optim.momentum=-0.5", None, None, r"optim\.momentum=-0\.5: expected a number in"),
     ("seed=-1", None, None, r"seed=-1: expected an integer in \[0, 2\*\*32\)"),
     ("algo=imaml", "algo.lam=0", None, r"algo\.lam=0\.0: expected a finite number > 0"),
+    ("device=cuda:x", None, None, r"device='cuda:x': expected auto, cpu, cuda or cuda:N"),
+    ("name=../up", None, None, r"name='\.\./up': expected a non-empty relative folder"),
     ("task=glyphs", "model=transformer", "model.patch_size=5",
      r"model\.patch_size=5 must divide task\.image_size=28"),
 ]  # fmt: skip

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -175,8 +177,13 @@ def check_config(cfg: DictConfig) -> DictConfig:
     _choice("dist.name", typed.dist.name, ("none", "ddp"))
     _choice("dist.backend", typed.dist.backend, ("auto", "nccl", "gloo"))
     device = typed.device
-    if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
+    if not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device)):
         raise ConfigError(f"device={device!r}: expected auto, cpu, cuda or cuda:N")
+    if not typed.name.strip() or ".." in Path(typed.name).parts or Path(typed.name).is_absolute():
+        raise ConfigError(
+            f"name={typed.name!r}: expected a non-empty relative folder name (it names "
+            "outputs/<name>/...), without '..'"
+        )
     _check_values(typed)
     return typed
 
