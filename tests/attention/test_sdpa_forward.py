@@ -178,6 +178,7 @@ BAD_INPUTS = [
     ("scale must be .* requires grad", _qkv(), {"scale": torch.tensor(0.5, requires_grad=True)}),
     ("scale must be", _qkv(), {"scale": "0.5"}),
     ("scale must be a finite", _qkv(), {"scale": float("inf")}),
+    ("scale=1e\\+39 overflows torch.float32", _qkv(), {"scale": 1e39}),
     ("block_size must be a positive int; got 2.0", _qkv(), {"block_size": 2.0}),
     ("dense \\(strided\\)", lambda: (torch.randn(2, 4).to_sparse(), *_qkv()()[1:]), {}),
 ]

@@ -199,6 +199,14 @@ def canonicalize(
             "(as torch.nn.functional.scaled_dot_product_attention requires)"
         )
 
+    if scale is not None:
+        # every backend scales in float32 (float64 for float64 inputs): beyond it, inf scores
+        work = torch.float64 if query.dtype == torch.float64 else torch.float32
+        if abs(scale) > torch.finfo(work).max:
+            raise ValueError(
+                f"theria.sdpa: scale={scale:g} overflows {work} (the scores are scaled in it for "
+                f"{query.dtype} inputs); expected |scale| <= {torch.finfo(work).max:.3g}"
+            )
     L, E = query.shape[-2], query.shape[-1]
     S = key.shape[-2]
     if L == 0 or S == 0 or E == 0:
