@@ -126,12 +126,11 @@ def _probs(
     -inf; an additive mask commutes with it)."""
     hi, lo = lse0
     s = _mm(qs, kb.transpose(-2, -1), -hi)  # (*B, L, E) @ (*B', E, b) - (*B, L, 1)
+    recorded = torch.is_grad_enabled()  # by autograd (higher orders): out of place
     if lo is not None:
-        s = s - lo
+        s = s - lo if recorded else s.sub_(lo)  # s is a fresh temporary
     s = mask_scores(s, mask, j0, problem)
-    if torch.is_grad_enabled():  # recorded by autograd (higher orders): out of place
-        return torch.exp(s)
-    return s.exp_()  # s is a fresh temporary
+    return torch.exp(s) if recorded else s.exp_()
 
 
 def _score_tangent(qs: Tensor, kb: Tensor, tqs: Tensor | None, tkb: Tensor | None) -> Tensor | None:
