@@ -185,6 +185,13 @@ def canonicalize(
             raise ValueError(
                 f"theria.sdpa: scale must be a finite real number or None; got {scale}"
             )
+        # every backend scales in float32 (float64 for float64 inputs): beyond it, inf scores
+        work = torch.float64 if query.dtype == torch.float64 else torch.float32
+        if abs(scale) > torch.finfo(work).max:
+            raise ValueError(
+                f"theria.sdpa: scale={scale:g} overflows {work} (the scores are scaled in it for "
+                f"{query.dtype} inputs); expected |scale| <= {torch.finfo(work).max:.3g}"
+            )
     if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral):
         raise TypeError(
             f"theria.sdpa: block_size must be a positive int; got {block_size!r} of type "
@@ -199,14 +206,6 @@ def canonicalize(
             "(as torch.nn.functional.scaled_dot_product_attention requires)"
         )
 
-    if scale is not None:
-        # every backend scales in float32 (float64 for float64 inputs): beyond it, inf scores
-        work = torch.float64 if query.dtype == torch.float64 else torch.float32
-        if abs(scale) > torch.finfo(work).max:
-            raise ValueError(
-                f"theria.sdpa: scale={scale:g} overflows {work} (the scores are scaled in it for "
-                f"{query.dtype} inputs); expected |scale| <= {torch.finfo(work).max:.3g}"
-            )
     L, E = query.shape[-2], query.shape[-1]
     S = key.shape[-2]
     if L == 0 or S == 0 or E == 0:
