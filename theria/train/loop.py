@@ -25,7 +25,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +62,10 @@ from theria.train.checkpoint import (
     set_rng_state,
 )
 from theria.train.evaluate import evaluate
+from theria.train.faults import NonFiniteLossError, cause, check_params
 from theria.train.memory import PeakMemory
 from theria.train.provenance import now_iso, provenance
+from theria.train.rundir import claim, default_run_dir
 
 RESULTS = "results.json"
 # iMAML: a true CG residual above this (relative, max over the tasks) is reported, once: the
@@ -82,10 +83,6 @@ RESUMABLE_CHANGES = ("resume", "name", "device", "threads", "steps", "eval_every
 ReduceGrads = Callable[[Params], Params]
 
 
-class NonFiniteLossError(RuntimeError):
-    """The meta-loss or meta-gradient became NaN/inf; the run stopped before applying it."""
-
-
 def _run_dir(cfg: DictConfig, run_dir: str | Path | None) -> Path:
     if run_dir is None:
         try:
@@ -93,9 +90,10 @@ def _run_dir(cfg: DictConfig, run_dir: str | Path | None) -> Path:
 
             run_dir = HydraConfig.get().runtime.output_dir
         except ValueError:  # not under @hydra.main: a fresh folder like Hydra's
-            run_dir = Path("outputs") / cfg.name / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+            run_dir = default_run_dir(cfg.name)
     path = Path(run_dir)
     path.mkdir(parents=True, exist_ok=True)
+    claim(path, cfg.resume)  # this run owns the folder, or it fails here, before any work
     return path
 
 
@@ -327,6 +325,8 @@ def _resume(r: Run) -> None:
             file=sys.stderr,
         )
         r.dir = resume_from.parent.parent
+        if r.ctx.is_main:
+            claim(r.dir, r.cfg.resume)  # that run's folder is this run's now (or it refuses)
     state = load_checkpoint(resume_from)
     _check_resumable(state["config"], r.resolved, resume_from)
     with torch.no_grad():
@@ -440,6 +440,8 @@ def _check_finite(r: Run, step_fn: MetaStep) -> None:
         step_fn.check()
     except NonFiniteStepError as e:
         raise _non_finite(r, e) from e
+    if step_fn.graphed:  # eager steps checked the parameters already
+        check_params(r.params, step_fn.steps_done, r.cfg.steps)
 
 
 def _non_finite(r: Run, e: NonFiniteStepError) -> NonFiniteLossError:
@@ -451,7 +453,7 @@ def _non_finite(r: Run, e: NonFiniteStepError) -> NonFiniteLossError:
     return NonFiniteLossError(
         f"non-finite {e.what} at step {e.step} of {r.cfg.steps}: "
         f"{'the run stopped at the next check' if e.applied else 'stopped before applying it'}"
-        f"; {where}. Lower optim.lr (or algo.inner_lr) or set optim.grad_clip."
+        f"; {where}. {cause(e.stats, first_step=e.step == 1)}."
     )
 
 
@@ -605,6 +607,8 @@ def train(
                 stats = step_fn(tasks)
             except NonFiniteStepError as e:
                 raise _non_finite(r, e) from e
+            if not step_fn.graphed:  # eager: the outer step left finite parameters (cheap here)
+                check_params(r.params, step, cfg.steps)
             r.optim.scheduler.step()
             is_log = step % cfg.logger.log_every == 0 or step == cfg.steps or step == r.start + 1
             is_ckpt = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (
