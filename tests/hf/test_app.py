@@ -40,6 +40,7 @@ def test_build_from_config():
         (["model.hf.arch=gpt2"], "model.hf.kv_heads=2: model.hf.arch=gpt2 has no GQA"),
         (["model.hf.sliding_window=4"], "model.hf.sliding_window=4"),
         (["model.hf.kv_heads=3"], "model.hf.kv_heads=3"),
+        (["attn=sdpa", "algo=fomaml"], "sanity_every=2 with model=hf attn=sdpa"),
         (["attn.name=flash"], "attn.name='flash' is not one of"),
     ],
 )

@@ -95,6 +95,12 @@ def _check_hf(cfg: DictConfig) -> None:
             "torch.func.vmap over tasks (HFCausalLM.supports_task_vmap is False); set "
             "algo.vmap=false"
         )
+    if cfg.attn.name == "sdpa" and cfg.sanity_every > 0:
+        raise ConfigError(
+            f"sanity_every={cfg.sanity_every} with model=hf attn=sdpa: the HVP sanity checks "
+            "need double backward, which PyTorch's fused SDPA kernels lack; set sanity_every=0 "
+            "(and a first-order algorithm, algo=fomaml) or use attn=theria"
+        )
     if h.path is not None:
         if not isinstance(h.path, str) or not (Path(h.path) / "config.json").is_file():
             raise ConfigError(
