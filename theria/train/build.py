@@ -46,9 +46,9 @@ def check_config(cfg: DictConfig) -> DictConfig:
     if missing:
         raise ConfigError(f"config keys without a value: {missing}")
     _choice("algo.name", typed.algo.name, ALGOS)
-    _choice(
-        "attn.name", typed.attn.name, HF_ATTENTION if typed.model.name == "hf" else ATTENTION_PATHS
-    )
+    # attn=eager is transformers' own attention: model=hf (model=mlp ignores attn)
+    paths = ATTENTION_PATHS if typed.model.name == "transformer" else HF_ATTENTION
+    _choice("attn.name", typed.attn.name, paths)
     _choice("task.name", typed.task.name, TASKS)
     _choice("model.name", typed.model.name, MODELS)
     _choice("optim.name", typed.optim.name, OPTIMS)
@@ -84,11 +84,6 @@ def check_config(cfg: DictConfig) -> DictConfig:
 def _check_hf(cfg: DictConfig) -> None:
     """model=hf: what can fail is found before any work (no transformers import here)."""
     h = cfg.model.hf
-    if cfg.task.name != "markov":
-        raise ConfigError(
-            f"model=hf is a causal language model for token tasks (task=markov); got "
-            f"task={cfg.task.name}"
-        )
     if cfg.algo.vmap:
         raise ConfigError(
             "algo.vmap=true with model=hf: transformers models are not supported under "
@@ -173,6 +168,11 @@ def build_model(cfg: DictConfig) -> nn.Module:
     if m.name == "hf":
         from theria.models.hf import HFCausalLM, HFModelConfig
 
+        if t.name != "markov":
+            raise ConfigError(
+                f"model=hf is a causal language model for token tasks (task=markov); got "
+                f"task={t.name}"
+            )
         path = m.hf.path
         hc = HFModelConfig(
             arch=m.hf.arch,
