@@ -230,7 +230,9 @@ def _default_cache() -> Path:
     return Path(os.environ.get("THERIA_CACHE", Path.home() / ".cache" / "theria"))
 
 
-def unpack_pretrained(zip_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None):
+def unpack_pretrained(
+    zip_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None
+) -> Path:
     """The folder of a zipped pretrained model (config.json, weights, tokenizer), extracted once
     into `cache_dir` (default ``$THERIA_CACHE`` or ``~/.cache/theria``) under a name that
     includes the zip's content hash, atomically: into a temporary folder first, then renamed,

@@ -226,3 +226,25 @@ def test_unpack_pretrained(tmp_path):
     assert len(list(cache.iterdir())) == 1
     with pytest.raises(FileNotFoundError, match=r"zip_path='.*missing\.zip' is not a file"):
         theria.hf.unpack_pretrained(tmp_path / "missing.zip", cache)
+
+
+def test_hf_sdpa_path_under_override_sdpa_takes_second_derivatives():
+    """attn_implementation="sdpa" calls F.scaled_dot_product_attention: inside
+    theria.override_sdpa() that is theria, so the HVP exists and equals the math path's."""
+    model = build("mistral")  # GQA + sliding window: a bool mask and repeat_kv'd keys
+    model.set_attn_implementation("sdpa")
+    x = inputs("mistral", 0)
+    params = list(model.parameters())
+
+    def hvp():
+        loss = model(**x).logits.square().sum()
+        g = torch.autograd.grad(loss, params, create_graph=True)
+        return torch.cat(
+            [h.flatten() for h in torch.autograd.grad(sum(gi.sum() for gi in g), params)]
+        )
+
+    with theria.override_sdpa():
+        got = hvp()
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = hvp()
+    assert float((got - ref).norm() / ref.norm()) < 1e-10
