@@ -18,13 +18,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,hf]' $(TORCH_PIN)
 	touch $(STAMP)
 
-# Default tier: fast tests (pytest exits non-zero, 5, if it collected nothing).
+# Default tier: fast tests (pytest exits non-zero, 5, if it collected nothing). On a machine
+# with a CUDA device the Triton interpreter tests need a process of their own (tests/conftest.py).
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m tests.interpret -m "not slow" -q
 
 # Heavier tests (interpreter kernels at larger sizes, experiment presets, multi-process runs).
 test-slow: $(STAMP)
 	$(PY) -m pytest -m "slow" -q
+	$(PY) -m tests.interpret -m "slow" -q
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q

@@ -48,7 +48,7 @@ def need_higher():
 def config(k: int, seed: int, steps: int, algo: str = "maml"):
     return check_config(compose_config([
         "experiment=exp_sinusoid", "device=cpu", f"task.k_shot={k}", f"algo={algo}", f"seed={seed}",
-        f"steps={steps}", "algo.vmap=true", "algo.eval_inner_steps=10", "logger=none",
+        f"steps={steps}", "algo.batching=batched", "algo.eval_inner_steps=10", "logger=none",
         f"eval_every={max(1, steps // 4)}", f"checkpoint_every={max(1, steps // 4)}",
         f"sanity_every={max(1, steps // 4)}", "val_tasks=50", "test_tasks=100", "threads=1",
     ]))  # fmt: skip

@@ -31,7 +31,7 @@ class AlgoConfig:
     inner_steps: int = MISSING  # gradient steps on the support set
     inner_lr: float = MISSING  # inner step size α
     eval_inner_steps: int = MISSING  # inner steps at meta-validation / meta-test time
-    vmap: bool = MISSING  # tasks through torch.func.vmap instead of a Python loop
+    batching: str = MISSING  # auto | batched | sequential | vmap: how a meta-batch runs
     learn_inner_lr: bool = False  # maml/fomaml: Meta-SGD per-parameter rates
     lam: float = 1.0  # imaml: proximal strength λ
     cg_iters: int = 5  # imaml: conjugate-gradient iterations
@@ -144,6 +144,7 @@ class TrainConfig:
     checkpoint_every: int = MISSING  # steps between checkpoints; 0: only at the end
     resume: Any = None  # null | true (this run dir) | a run directory or checkpoint file
     threads: int = MISSING  # torch intra-op threads; 0 keeps torch's default
+    graph: str = MISSING  # auto | on | off: the meta-step as a CUDA graph (theria.algos.step)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     attn: AttnConfig = field(default_factory=AttnConfig)
     task: TaskConfig = field(default_factory=TaskConfig)

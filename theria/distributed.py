@@ -287,24 +287,24 @@ def reduce_result(result: MetaStepResult, ctx: DistContext) -> MetaStepResult:
     if not ctx.distributed:
         return result
     keys = list(result.grads)
-    means = sorted(k for k in result.metrics if not k.endswith("_max"))
-    maxes = sorted(k for k in result.metrics if k.endswith("_max"))
+    stats = result.stats
+    means = sorted(k for k in stats if not k.endswith("_max"))
+    maxes = sorted(k for k in stats if k.endswith("_max"))
     dtype = result.loss.dtype if result.loss.is_floating_point() else torch.float64
-    scalars = torch.tensor([float(result.loss), *(result.metrics[k] for k in means)],
-                           dtype=dtype, device=ctx.device)  # fmt: skip
+    scalars = torch.stack([result.loss.reshape(()), *(stats[k].reshape(()) for k in means)])
+    scalars = scalars.to(dtype=dtype, device=ctx.device)
     *summed, total = _flat_sum(ctx, [*(result.grads[k] for k in keys), scalars],
                                "meta-gradient, loss and metrics")  # fmt: skip
     grads = {k: s / ctx.world_size for k, s in zip(keys, summed, strict=True)}
-    total = (total / ctx.world_size).cpu()
-    metrics = {k: float(v) for k, v in zip(means, total[1:], strict=True)}
+    total = total / ctx.world_size
+    reduced = {k: v for k, v in zip(means, total[1:], strict=True)}
     if maxes:
-        top = torch.tensor([result.metrics[k] for k in maxes], dtype=torch.float64,
-                           device=ctx.device)  # fmt: skip
+        top = torch.stack([stats[k].reshape(()) for k in maxes]).to(ctx.device, torch.float64)
         _collective(ctx, "all-reduce (max) of the metrics",
                     lambda: dist.all_reduce(top, op=dist.ReduceOp.MAX))  # fmt: skip
-        metrics |= {k: float(v) for k, v in zip(maxes, top.cpu(), strict=True)}
+        reduced |= {k: v for k, v in zip(maxes, top, strict=True)}
     loss = total[0].to(result.loss.device)
-    return replace(result, loss=loss, grads=grads, metrics=metrics)
+    return replace(result, loss=loss, grads=grads, stats=reduced)
 
 
 def params_checksum(params: Params) -> Tensor:

@@ -91,7 +91,7 @@ def test_hvp_modes_and_vmap_agree_through_the_transformer():
     params = rr.init_params(model)
     a = rr(model, params, tasks)
     b = IMAML(**kw, hvp="fwd_rev")(model, params, tasks)
-    c = IMAML(**kw, hvp="fwd_rev", vmap=True)(model, params, tasks)
+    c = IMAML(**kw, hvp="fwd_rev", batching="vmap")(model, params, tasks)
     r = rr(ref_model, params, tasks)
     assert rel(b.grads, a.grads) < 1e-10 and rel(c.grads, a.grads) < 1e-10
     assert rel(a.grads, r.grads) < 1e-10  # theria attention = reference attention
@@ -110,7 +110,7 @@ def test_conjugate_gradient_solves_an_spd_system():
 
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="fwd_rev"):
-        IMAML(vmap=True, hvp="rev_rev")
+        IMAML(batching="vmap", hvp="rev_rev")
     with pytest.raises(ValueError, match="lam"):
         IMAML(lam=0.0)
     model, tasks = sinusoid_problem()

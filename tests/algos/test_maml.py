@@ -89,15 +89,15 @@ def test_meta_sgd_learning_rates_get_the_right_gradient():
 @pytest.mark.parametrize("first_order", [False, True])
 def test_vmap_over_tasks_equals_the_loop(first_order, monkeypatch):
     model, tasks = markov_problem("theria", n_tasks=3)
-    seq = MAML(inner_steps=1, inner_lr=0.1, first_order=first_order)
-    vm = MAML(inner_steps=1, inner_lr=0.1, first_order=first_order, vmap=True)
+    seq = MAML(inner_steps=1, inner_lr=0.1, first_order=first_order, batching="sequential")
+    vm = MAML(inner_steps=1, inner_lr=0.1, first_order=first_order, batching="vmap")
     params = seq.init_params(model)
     a = seq(model, params, tasks)
     monkeypatch.setattr("theria._warnings._warned", set())  # warn_once: once per process
     if first_order:
         b = vm(model, params, tasks)
     else:  # second order under torch.func: the memory cost is announced
-        with pytest.warns(RuntimeWarning, match=r"vmap=True.*O\(L·S\) memory"):
+        with pytest.warns(RuntimeWarning, match=r"batching='vmap'.*O\(L·S\) memory"):
             b = vm(model, params, tasks)
     assert rel(b.grads, a.grads) < 1e-12
     assert abs(a.metrics["query_acc"] - b.metrics["query_acc"]) < 1e-12
@@ -120,7 +120,7 @@ def test_default_cpu_sdpa_fails_loudly_for_second_order_only():
     with pytest.raises(RuntimeError, match=r"attn='sdpa'.*attn='theria'"):
         MAML(inner_steps=1, inner_lr=0.1)(model, params, tasks)
     with pytest.raises(RuntimeError, match=r"attn='sdpa'"):
-        MAML(inner_steps=1, inner_lr=0.1, vmap=True)(model, params, tasks)
+        MAML(inner_steps=1, inner_lr=0.1, batching="vmap")(model, params, tasks)
     # first order needs no double backward: it runs, and equals FO-MAML through theria
     fo = FOMAML(inner_steps=1, inner_lr=0.1)
     theria_model, _ = markov_problem("theria")

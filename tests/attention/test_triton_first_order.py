@@ -11,11 +11,6 @@ which pytest does at collection, before any test runs.
 
 from __future__ import annotations
 
-import os
-
-# tests/conftest.py sets it on GPU-less machines; this covers running the file elsewhere.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
 

@@ -16,6 +16,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def python_path() -> str:
+    """The repository root in front of the caller's PYTHONPATH (extended, never replaced:
+    carried packages, e.g. on a GPU machine, stay importable in the workers)."""
+    rest = os.environ.get("PYTHONPATH", "")
+    return str(ROOT) + (os.pathsep + rest if rest else "")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -49,7 +56,7 @@ def start(args: list[str], world: int, env: dict[str, str] | None = None) -> lis
     for r in range(world):
         e = os.environ | (env or {}) | {"RANK": str(r), "WORLD_SIZE": str(world),
              "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-             "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # fmt: skip
+             "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path()}  # fmt: skip
         with open(logs / f"rank{r}.out", "w") as out, open(logs / f"rank{r}.err", "w") as err:
             p = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=e, stdout=out,
                                  stderr=err)  # fmt: skip

@@ -31,7 +31,7 @@ def torchrun(run_dir: Path, *overrides: str, nproc: int = 2) -> subprocess.Compl
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", "-m", "theria.train", "dist=ddp", *OVERRIDES,
            f"hydra.run.dir={run_dir}", *overrides]  # fmt: skip
-    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(launch.ROOT)}
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": launch.python_path()}
     import os
 
     return subprocess.run(cmd, cwd=launch.ROOT, env=os.environ | env, text=True,
@@ -145,7 +145,7 @@ def test_a_sweep_under_torchrun_runs_every_job(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "theria.train", "-m", "dist=ddp", *OVERRIDES, "seed=0,1",
            f"hydra.sweep.dir={tmp_path}"]  # fmt: skip
-    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(launch.ROOT)}
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": launch.python_path()}
     import os
 
     proc = subprocess.run(cmd, cwd=launch.ROOT, env=os.environ | env, text=True,

@@ -1,12 +1,28 @@
-"""What the algorithms share: the result type, the functional loss of a model on a set, the
-per-task loop (sequential or vmap) and the error translation for attention paths that cannot
-be differentiated twice."""
+"""What the algorithms share: the result type, the functional loss of a model on a set (one
+task, or every task of a meta-batch at once), the ways a meta-batch is run, and the error
+translation for attention paths that cannot be differentiated twice.
+
+How a meta-batch of T tasks is run (`batching`):
+
+    batched     one computation for all tasks (default): per-task fast weights carry a leading
+                task dim T, the model runs once under `torch.func.vmap` over that dim (so
+                attention sees the tasks folded into its batch: one kernel launch per layer),
+                and derivatives are plain torch.autograd on the sum of per-task losses (tasks
+                are independent, so ∇ of the sum w.r.t. task i's weights is task i's gradient)
+    sequential  a Python loop over tasks, one autograd computation each
+    vmap        torch.func throughout (grad of grad, vmapped over tasks)
+    auto        batched, or sequential for a model that says it does not run under vmap
+                (a class attribute `supports_task_vmap = False`)
+
+Metrics stay on the device as 0-d tensors (`MetaStepResult.stats`), so a meta-step has no host
+synchronisation and can be captured in a CUDA graph; `MetaStepResult.metrics` reads them."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -20,14 +36,71 @@ Params = dict[str, Tensor]
 TaskFn = Callable[..., tuple[Params, tuple[Tensor, dict[str, Tensor]]]]
 
 
+Batching = Literal["auto", "batched", "sequential", "vmap"]
+BATCHINGS: tuple[str, ...] = ("auto", "batched", "sequential", "vmap")
+
+
 @dataclass
 class MetaStepResult:
     """loss: () detached meta-loss (mean query loss over the tasks); grads: the meta-gradient,
-    same keys and shapes as the params passed in; metrics: floats for logging."""
+    same keys and shapes as the params passed in; stats: 0-d detached tensors on the
+    params' device (means over tasks; keys ending in `_max` the maximum), read without a
+    host synchronisation; `metrics`: the same as Python floats."""
 
     loss: Tensor
     grads: Params
-    metrics: dict[str, float]
+    stats: dict[str, Tensor]
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """`stats` as floats (reads the device: a synchronisation on CUDA)."""
+        return {k: float(v) for k, v in self.stats.items()}
+
+
+def check_batching(batching: str) -> None:
+    if batching not in BATCHINGS:
+        raise ValueError(f"batching must be one of {BATCHINGS}; got {batching!r}")
+
+
+def resolve_batching(batching: str, model: nn.Module) -> str:
+    """The way to run the meta-batch: `batching`, with "auto" resolved for `model`."""
+    vmappable = getattr(model, "supports_task_vmap", True)
+    if batching == "auto":
+        return "batched" if vmappable else "sequential"
+    if batching in ("batched", "vmap") and not vmappable:
+        raise ValueError(
+            f"batching={batching!r}: {type(model).__name__} does not run under torch.func.vmap "
+            "(supports_task_vmap = False); use batching='sequential' or 'auto'"
+        )
+    return batching
+
+
+def per_task(params: Params, n: int) -> Params:
+    """Each tensor (...) of `params` as (n, ...): one copy per task (stride-0 views of the same
+    storage; autograd gives each task's slice its own gradient)."""
+    return {k: v.unsqueeze(0).expand(n, *v.shape) for k, v in params.items()}
+
+
+def batched_loss(
+    model: nn.Module, kind: LossKind, params: Params, x: Tensor, y: Tensor
+) -> tuple[Tensor, Tensor | None]:
+    """Per-task (losses (T,), accuracies (T,) or None) of `model` with per-task params (each
+    (T, ...)) on inputs x (T, n, ...) and targets y (T, n, ...): one vmapped forward."""
+
+    def one(p: Params, xi: Tensor, yi: Tensor) -> tuple[Tensor, Tensor]:
+        loss, acc = task_loss(kind, functional_call(model, p, (xi,)), yi)
+        return loss, loss.detach() if acc is None else acc
+
+    losses, accs = torch.func.vmap(one)(params, x, y)
+    return losses, (accs if kind == "ce" else None)
+
+
+def summarize(losses: Tensor, per_task_stats: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Per-task values (T,) -> 0-d stats: means, and the maximum for keys ending in `_max`."""
+    out = {k: (v.max() if k.endswith("_max") else v.mean()).detach() for k, v in
+           per_task_stats.items()}  # fmt: skip
+    out["query_loss"] = losses.detach().mean()
+    return out
 
 
 def set_loss(
@@ -63,7 +136,7 @@ def check_inputs(model: nn.Module, params: Params, tasks: Episode) -> None:
 
 def run_tasks(task_fn: TaskFn, params: Params, tasks: Episode, vmap: bool) -> MetaStepResult:
     """Applies `task_fn` to every task (a Python loop, or torch.func.vmap over the task dim)
-    and averages gradients, losses and metrics over tasks."""
+    and averages gradients, losses and metrics over tasks (`batching` sequential or vmap)."""
     data = tasks.tensors()  # 4 × (T, n, ...)
     n = tasks.n_tasks
     if vmap:
@@ -81,10 +154,10 @@ def run_tasks(task_fn: TaskFn, params: Params, tasks: Episode, vmap: bool) -> Me
             aux_list.append({k: v.detach() for k, v in aux.items()})
         losses = torch.stack(loss_list)
         metrics = {k: torch.stack([a[k] for a in aux_list]) for k in aux_list[0]}
-    out = {k: float(v.max() if k.endswith("_max") else v.mean()) for k, v in metrics.items()}
-    meta_loss = losses.detach().mean()
-    out["query_loss"] = float(meta_loss)
-    return MetaStepResult(meta_loss, {k: g.detach() for k, g in mean_grads.items()}, out)
+    stats = summarize(losses, metrics)
+    return MetaStepResult(
+        stats["query_loss"], {k: g.detach() for k, g in mean_grads.items()}, stats
+    )
 
 
 @contextmanager

@@ -20,8 +20,12 @@ blockwise ops reach back through `out` and `lse` into Attention, so every furthe
 exact. Such recorded steps run the differentiable `blockwise` ops (a kernel is not differentiable)
 and keep their blockwise intermediates: O(L·S) memory at that order.
 
-`setup_context` style with `generate_vmap_rule = True`, so torch.func (grad, vjp, jvp, vmap,
-jacrev, jacfwd, hessian) composes with both.
+`setup_context` style, so torch.func (grad, vjp, jvp, vmap, jacrev, jacfwd, hessian) composes
+with both. Under `torch.func.vmap` each Function's own `vmap` rule moves the vmapped dim to the
+front of every input as one more batch dim (unbatched inputs get a size-1 or expanded one) and
+calls the Function once on the plain tensors: the kernels see one launch for the whole vmapped
+batch (say, every task of a meta-batch), and autograd records one node for it, whose backward
+and double backward are the same kernels again.
 """
 
 from __future__ import annotations
@@ -74,9 +78,31 @@ def _reject_nested_forward() -> None:
         )
 
 
-class Attention(torch.autograd.Function):
-    generate_vmap_rule = True
+def _to_front(x: Tensor | None, d: int | None, n: int, rank: int, expand: bool) -> Tensor | None:
+    """`x` under vmap (vmapped dim `d`, None when unbatched) as a plain tensor (n | 1, *pad,
+    *x's per-sample shape) of `rank` + 1 dims: the vmapped dim leads, as one more batch dim,
+    and size-1 dims pad the per-sample shape on the left to `rank` dims (the batch dims of
+    the canonical form broadcast from the right). Unbatched: a size-1 leading dim, or, with
+    `expand`, a stride-0 dim of size n (a view: per-sample gradients stay apart)."""
+    if x is None:
+        return None
+    if d is not None:
+        x = x.movedim(d, 0)
+        sample = x.shape[1:]
+    else:
+        sample = x.shape
+        x = x.unsqueeze(0)
+        if expand:
+            x = x.expand(n, *sample)
+    return x.reshape(x.shape[0], *(1,) * (rank - len(sample)), *sample)
 
+
+def _sample_rank(*tensors: tuple[Tensor | None, int | None]) -> int:
+    """The largest per-sample rank among (tensor, vmapped dim) pairs."""
+    return max(t.dim() - (d is not None) for t, d in tensors if t is not None)
+
+
+class Attention(torch.autograd.Function):
     @staticmethod
     def forward(
         q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, problem: Problem, impl: Any
@@ -120,10 +146,28 @@ class Attention(torch.autograd.Function):
         o_dot, mu = impl.forward_jvp(q, k, v, mask, ctx.problem, out, lse, tq, tk, tv)
         return o_dot, torch.zeros_like(lse) if mu is None else mu
 
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, q, k, v, mask, problem, impl) -> tuple:
+        """torch.func.vmap: the vmapped dim becomes a leading batch dim of one call."""
+        qd, kd, vd, md = in_dims[:4]
+        n = info.batch_size
+        r = _sample_rank((q, qd), (k, kd), (v, vd))  # (*B, N, E): batch dims + 2
+        if mask is not None:
+            r = max(r, mask.dim() - (md is not None))
+        # Unbatched inputs broadcast (size 1): the one node's backward sums their gradient
+        # over the vmapped dim, which is their gradient. Key and value keep equal batch dims,
+        # and a batched mask gets a query of its own batch (the output's batch is q's and k's).
+        kv_batched = kd is not None or vd is not None
+        expand = (md is not None, kv_batched, kv_batched, False)
+        args = [
+            _to_front(t, d, n, r, e)
+            for (t, d), e in zip(((q, qd), (k, kd), (v, vd), (mask, md)), expand, strict=True)
+        ]
+        out, lse = Attention.apply(*args, problem, impl)  # (n, *B, L, Ev), (n, *B, L)
+        return (out, lse), (0, 0)
+
 
 class AttentionBackward(torch.autograd.Function):
-    generate_vmap_rule = True
-
     @staticmethod
     def forward(
         q: Tensor,
@@ -181,6 +225,25 @@ class AttentionBackward(torch.autograd.Function):
             q, k, v, mask, ctx.problem, out, lse, d_out, tq, tk, tv, td_out, **stats
         )
         return dq_dot, dk_dot, dv_dot
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, q, k, v, mask, out, lse, d_out, problem, impl) -> tuple:
+        """torch.func.vmap: one call over the vmapped dim as a leading batch dim. Unbatched
+        q, k, v, dO (and out, lse) are expanded (views), so each sample gets its own gradient."""
+        n = info.batch_size
+        pairs = list(zip((q, k, v, mask, out, lse, d_out), in_dims[:7], strict=True))
+        r = _sample_rank(*pairs[:3], pairs[4], pairs[6])  # batch dims + 2
+        if mask is not None:
+            r = max(r, mask.dim() - (in_dims[3] is not None))
+        ranks = (r, r, r, r, r, r - 1, r)  # lse (*B, L) has one dim less
+        args = [  # the mask broadcasts; every other input is expanded (views)
+            _to_front(t, d, n, rank, expand=i != 3)
+            for i, ((t, d), rank) in enumerate(zip(pairs, ranks, strict=True))
+        ]
+        grads = AttentionBackward.apply(*args, problem, impl)
+        # back to each input's per-sample shape (drop the padding dims)
+        shapes = [t.shape if d is None else t.movedim(d, 0).shape[1:] for t, d in pairs[:3]]
+        return tuple(g.reshape(n, *s) for g, s in zip(grads, shapes, strict=True)), (0, 0, 0)
 
 
 def attention(

@@ -9,7 +9,9 @@ SUITES = {
     "cpu": "one HVP through one attention call on the CPU: torch vs reference vs math SDPA",
     "gpu": "Triton first-order kernels on CUDA: forward, forward+backward, forward+JVP",
     "hvp": "Triton second-order kernels on CUDA: one HVP through one attention call",
-    "meta": "one meta-step (MAML, iMAML) through a transformer, per attention path",
+    "meta": "one meta-step (MAML, iMAML): theria's batched/graphed step vs the per-task loop, "
+    "torch.func vmap + math SDPA, higher",
+    "meta-paths": "one meta-step (MAML, iMAML) through a transformer, per attention path",
 }
 
 
@@ -18,10 +20,10 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUITES:
         print("usage: python -m theria.bench <suite> [options]\n\nsuites:")
         for name, what in SUITES.items():
-            print(f"  {name:5s} {what}")
+            print(f"  {name:10s} {what}")
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     try:
-        module = importlib.import_module(f"theria.bench.{argv[0]}")
+        module = importlib.import_module(f"theria.bench.{argv[0].replace('-', '_')}")
     except ModuleNotFoundError as e:
         sys.exit(f"theria.bench: suite {argv[0]!r} is not available in this checkout ({e})")
     module.main(argv[1:])

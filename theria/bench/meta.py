@@ -1,151 +1,232 @@
-"""One meta-step (MAML, iMAML) through a transformer, per attention path.
+"""One meta-training step (meta-gradient + Adam update), by how it is executed.
 
-    python -m theria.bench meta [--device cpu|cuda] [--seq-lens 256 512] [--repeats 3] [--out DIR]
+    python -m theria.bench meta [--device cpu|cuda] [--seq-lens 64 256 1024 4096] [--dtype ...]
 
-A meta-step is `algo(model, params, tasks)` on a meta-batch of few-shot next-token tasks
-(random Markov chains, causal attention): the inner loop on each task's support sequences, the
-query loss, and the meta-gradient. MAML differentiates through the inner step (double
-backward through every attention call); iMAML solves the proximal inner problem and runs CG
-whose matvec is a Hessian-vector product (reverse-over-reverse by default). Tasks are
-processed one after another, so peak memory is that of one task's graph.
+Strategies (rows), each on the same tasks from the same initial parameters:
+    theria      theria's default: `MetaStep` (theria.algos.step) over the task-batched algorithm
+                (batching="auto": one vmapped computation for all tasks, attention through
+                theria.sdpa with the tasks folded into its batch), captured as a CUDA graph on
+                CUDA; eager on the CPU
+    sequential  the per-task loop (batching="sequential"), eager: theria.train before the
+                batched step
+    vmap_math   torch.func throughout with PyTorch's math SDPA: MAML as vmap over tasks of
+                grad(query loss after torch.func.grad inner steps); iMAML as
+                IMAML(batching="vmap", hvp="fwd_rev")
+    higher      higher.innerloop_ctx (MAML only; math SDPA), tasks one after another, as in
+                higher's MAML example (pip install higher: skipped with a note if absent)
 
-Paths: `theria` (theria.sdpa backend auto: the Triton kernels for CUDA inputs in 16-bit, or
-in float32 with heads up to 64 wide, else the blockwise torch Functions), `theria_triton`
-(backend "triton"), `reference` (theria's explicit composition), `sdpa_math` (PyTorch's
-math SDPA), and `sdpa` (PyTorch's default dispatch: its fused kernels have no double
-backward, so the step fails; listed to show it fails loudly). `rel err` is the
-meta-gradient's relative difference from the `reference` path's (same parameters, same tasks).
-
-Below float64 (`--dtype float32|bfloat16|float16`), each path is also compared with a float64
-meta-gradient taken from the same (rounded) parameters and tasks: `err vs f64`. The float64
-truth comes from the `reference` path, or, where that runs out of memory (its L x S
-intermediates), from `theria_torch` (checked against `reference` by gradcheck in the tests);
-the table names which. `2x rule` holds when a theria path's error is at most twice the smallest
-error among the peers (`reference`, `sdpa_math`) in the same dtype: the accuracy criterion of
-the kernel benchmarks, applied to a whole meta-step.
+Columns: median wall ms per step (synchronised), GPU busy (CUDA kernel time from torch.profiler
+over the wall time of the profiled steps), peak memory of one step above what was live before,
+and accuracy: the meta-gradient's relative error against a float64 meta-gradient from the same
+(dtype-rounded) parameters (batched algorithm, reference attention), and the 2x rule (theria's
+error at most twice the smallest error of the math-SDPA peers in the same dtype). theria's
+meta-gradient is read from an eager batched call: the graph replays the same kernels.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.func import functional_call, grad, vmap
 
 from theria.algos import IMAML, MAML
-from theria.bench.common import (
-    command_line,
-    environment,
-    markdown_table,
-    measure,
-    write_result,
-)
+from theria.algos.step import MetaStep
+from theria.bench.common import command_line, environment, markdown_table, write_result
 from theria.models import Transformer, TransformerConfig
-from theria.tasks import MarkovChainTasks
+from theria.tasks import Episode, MarkovChainTasks
+from theria.tasks.episode import task_loss
+
+STRATEGIES = ("theria", "sequential", "vmap_math", "higher")
+Step = Callable[[], dict[str, torch.Tensor] | None]
 
 
-def _algo(name: str, args: argparse.Namespace):
+def _model(args: argparse.Namespace, seq_len: int, attn: str, device, dtype) -> Transformer:
+    torch.manual_seed(0)  # the same initial parameters for every strategy
+    cfg = TransformerConfig(
+        dim=args.dim,
+        depth=args.depth,
+        heads=args.heads,
+        vocab_size=args.vocab,
+        causal=True,
+        max_len=seq_len,
+        attn=attn,
+    )
+    return Transformer(cfg).to(device, dtype)
+
+
+def _algo(name: str, args: argparse.Namespace, batching: str):
     if name == "maml":
-        return MAML(inner_steps=args.inner_steps, inner_lr=0.1)
-    if name == "imaml":
-        return IMAML(lam=1.0, inner_steps=args.inner_steps, inner_lr=0.1, cg_iters=args.cg_iters)
-    raise SystemExit(f"--algos: unknown algorithm {name!r} (maml, imaml)")
+        return MAML(inner_steps=args.inner_steps, inner_lr=args.inner_lr, batching=batching)
+    hvp = "fwd_rev" if batching == "vmap" else "rev_rev"
+    return IMAML(
+        lam=1.0,
+        inner_steps=args.imaml_inner_steps,
+        inner_lr=args.inner_lr,
+        cg_iters=args.cg_iters,
+        hvp=hvp,
+        batching=batching,
+    )
 
 
-def _track_cpu_memory() -> bool:
-    """Makes the resident set follow live CPU tensors, so `measure`'s peak is the step's.
+def _adam(params: dict[str, torch.Tensor], device: torch.device) -> torch.optim.Adam:
+    cuda = device.type == "cuda"
+    lr = torch.tensor(1e-3, device=device) if cuda else 1e-3
+    return torch.optim.Adam(list(params.values()), lr=lr, capturable=cuda)
 
-    glibc raises its mmap threshold after large frees and keeps freed chunks in the heap, so
-    after a warm-up a step reuses memory without growing the resident set (peaks read ~0).
-    A fixed threshold (mallopt M_MMAP_THRESHOLD = 64 KiB, which also turns the dynamic
-    adjustment off) maps every large tensor on its own and returns it to the system on free.
-    Returns False where glibc is not available (then peaks are lower bounds)."""
-    import ctypes
-    import ctypes.util
 
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_mmap_threshold = -3  # from glibc's malloc.h
-        return bool(libc.mallopt(m_mmap_threshold, 64 * 1024)) and bool(libc.malloc_trim(0) >= 0)
-    except (OSError, AttributeError):
-        return False
+def _apply(params, grads, opt) -> None:
+    for k, p in params.items():
+        p.grad = grads[k].to(p.dtype)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _func_maml_grads(model, params, tasks: Episode, args) -> dict[str, torch.Tensor]:
+    """MAML in torch.func: vmap over tasks of grad(query loss after `inner_steps` steps of
+    torch.func.grad on the support loss), averaged. (The torch.func MAML example's other
+    structure, vmap of per-task query losses whose inner grad closes over the shared
+    parameters, then one autograd backward, gave a meta-gradient 1.6e-3 off in float64 on
+    this transformer with torch 2.14: it is not used.)"""
+    kind = tasks.loss
+
+    def loss(p, x, y):
+        return task_loss(kind, functional_call(model, p, (x,)), y)[0]
+
+    def task(p, sx, sy, qx, qy):
+        fast = p
+        for _ in range(args.inner_steps):
+            g = grad(loss)(fast, sx, sy)
+            fast = {k: fast[k] - args.inner_lr * g[k] for k in fast}
+        return loss(fast, qx, qy)
+
+    detached = {k: v.detach() for k, v in params.items()}
+    grads = vmap(grad(task), in_dims=(None, 0, 0, 0, 0))(detached, *tasks.tensors())
+    return {k: g.mean(0) for k, g in grads.items()}
+
+
+def _higher_grads(model, params, tasks: Episode, args) -> dict[str, torch.Tensor]:
+    import higher  # optional peer
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(params[name])
+    model.zero_grad(set_to_none=True)
+    inner = torch.optim.SGD(model.parameters(), lr=args.inner_lr)
+    n = tasks.n_tasks
+    for i in range(n):
+        t = tasks.task(i)
+        with higher.innerloop_ctx(model, inner, copy_initial_weights=False) as (fmodel, diffopt):
+            for _ in range(args.inner_steps):
+                diffopt.step(task_loss(tasks.loss, fmodel(t.support_x), t.support_y)[0])
+            (task_loss(tasks.loss, fmodel(t.query_x), t.query_y)[0] / n).backward()
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+
+
+def _strategy(name: str, algo_name: str, args, seq_len: int, tasks: Episode, device, dtype):
+    """(step function, meta-gradient function) of one strategy, or a reason it cannot run."""
+    if name in ("theria", "sequential"):
+        model = _model(args, seq_len, "theria", device, dtype)
+        algo = _algo(algo_name, args, "auto" if name == "theria" else "sequential")
+        params = algo.init_params(model)
+        opt = _adam(params, device)
+        step = MetaStep(
+            algo, model, params, opt, graph="auto" if name == "theria" else "off", lr_changes=False
+        )
+        probe = _algo(algo_name, args, "auto" if name == "theria" else "sequential")
+        fresh = {k: v.detach().clone() for k, v in params.items()}
+        return (lambda: step(tasks)), (lambda: probe(model, fresh, tasks).grads)
+    model = _model(args, seq_len, "sdpa_math", device, dtype)
+    if name == "higher":
+        if algo_name != "maml":
+            return "higher: MAML only"
+        try:
+            import higher  # noqa: F401
+        except ImportError:
+            return "higher is not installed (pip install higher)"
+        params = {k: v.detach().clone() for k, v in model.named_parameters()}
+        fresh = {k: v.clone() for k, v in params.items()}
+        return (
+            lambda: [_higher_grads(model, params, tasks, args), None][1],
+            lambda: _higher_grads(model, fresh, tasks, args),
+        )
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in model.named_parameters()}
+    fresh = {k: v.detach().clone() for k, v in params.items()}
+    opt = _adam(params, device)
+    if algo_name == "maml":
+        grads_of = lambda p: _func_maml_grads(model, p, tasks, args)  # noqa: E731
+    else:
+        algo = _algo(algo_name, args, "vmap")
+        grads_of = lambda p: algo(model, p, tasks).grads  # noqa: E731
+    return (lambda: _apply(params, grads_of(params), opt)), (lambda: grads_of(fresh))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(step: Step, device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else 0
+    return {"ms": statistics.median(times), "ms_min": min(times), "peak_mb": peak}
+
+
+def _busy(step: Step, device: torch.device, n: int = 3) -> float:
+    """CUDA kernel time / wall time over `n` steps, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        _sync(device)
+        wall = time.perf_counter() - t0
+    kernel_us = sum(
+        e.self_device_time_total
+        for e in prof.key_averages()
+        if getattr(e, "device_type", None) is not None and "cuda" in str(e.device_type).lower()
+    )
+    return kernel_us / 1e6 / wall
 
 
 def _rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     num = sum(((a[k].double() - b[k].double()) ** 2).sum() for k in b)
-    den = sum((b[k].double() ** 2).sum() for k in b)
-    return float((num / den).sqrt())
+    return float((num / sum((b[k].double() ** 2).sum() for k in b)).sqrt())
 
 
-def _model(cfg: dict, path: str, device: torch.device, dtype: torch.dtype) -> Transformer:
-    """The transformer with attention `path`, the same initial parameters for every path (and
-    for the float64 truth: rounded to `dtype` first, then widened)."""
-    torch.manual_seed(0)
-    return Transformer(TransformerConfig(**cfg, attn=path)).to(device, dtype)
-
-
-def _truth(algo, cfg: dict, tasks, device: torch.device, dtype: torch.dtype):
-    """(path name, meta-gradient) in float64 from the `dtype`-rounded parameters, or
-    (why not, None) when no path could take the step (out of memory, or an error)."""
-    why = ""
-    for path in ("reference", "theria_torch"):
-        model = _model(cfg, path, device, dtype).double()
-        params = algo.init_params(model)
-        print(f"  float64 truth through {path} ...", flush=True)
+def _truth(algo_name, args, seq_len, tasks, device, dtype) -> dict[str, torch.Tensor] | str:
+    model = _model(args, seq_len, "reference", device, dtype).double()
+    algo = _algo(algo_name, args, "auto")
+    try:
+        return {k: g.detach() for k, g in algo(model, algo.init_params(model), tasks).grads.items()}
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        model = _model(args, seq_len, "theria_torch", device, dtype).double()
         try:
-            return path, {k: g.detach() for k, g in algo(model, params, tasks).grads.items()}
-        except RuntimeError as e:  # torch.OutOfMemoryError included; a CPU one is plain
-            why = "out of memory" if "out of memory" in str(e).lower() else type(e).__name__
-            del model, params
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    return f"none ({why})", None
-
-
-def _truth_columns(
-    rows: list[list], seq_len: int, algo_name: str, grads: dict, truth: dict | None, checks: list
-) -> None:
-    """Adds `err vs f64` and `2x rule` to this (L, algo)'s rows (blank without a truth);
-    records each theria verdict."""
-    errs = {} if truth is None else {path: _rel(g, truth) for path, g in grads.items()}
-    peers = [errs[p] for p in ("reference", "sdpa_math") if p in errs]
-    bound = 2 * min(peers) if peers else None
-    for row in rows:
-        if row[:2] != [seq_len, algo_name] or len(row) != 7:
-            continue
-        path = row[2]
-        if path not in errs:
-            row += ["", ""]
-            continue
-        verdict = ""
-        if path.startswith("theria"):
-            verdict = (
-                "n/a (no peer)" if bound is None else "pass" if errs[path] <= bound else "FAIL"
-            )
-            checks.append(f"L={seq_len} {algo_name} {path} {verdict}")
-        row += [f"{errs[path]:.1e}", verdict]
-
-
-def _truth_text(dtype: torch.dtype, truths: dict[tuple[int, str], str]) -> str:
-    if not truths:
-        why = "float64 is the truth" if dtype == torch.float64 else "--no-truth"
-        return f"`err vs f64` and `2x rule` are not computed ({why})."
-
-    def name(t: str) -> str:
-        return t if t.startswith("none") else f"`{t}`"
-
-    used = sorted(set(truths.values()))
-    return (
-        "`err vs f64`: relative difference from a float64 meta-gradient taken from the same "
-        f"{str(dtype).removeprefix('torch.')}-rounded parameters (float64 truth through "
-        + (
-            name(used[0])
-            if len(used) == 1
-            else ", ".join(f"L={L} {a}: {name(t)}" for (L, a), t in truths.items())
-        )
-        + "). `2x rule`: a theria path's `err vs f64` is at most twice the smallest of the "
-        "peers' (`reference`, `sdpa_math`) in the same dtype."
-    )
+            params = algo.init_params(model)
+            return {k: g.detach() for k, g in algo(model, params, tasks).grads.items()}
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            return "out of memory"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -155,148 +236,155 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--seq-lens", type=int, nargs="+", default=[256, 768])
-    ap.add_argument("--dim", type=int, default=64)
-    ap.add_argument("--depth", type=int, default=2)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=16)
-    ap.add_argument("--tasks", type=int, default=2, help="meta-batch size")
-    ap.add_argument("--shots", type=int, default=2, help="support (= query) sequences per task")
-    ap.add_argument("--inner-steps", type=int, default=1)
-    ap.add_argument("--cg-iters", type=int, default=3)
+    ap.add_argument("--seq-lens", type=int, nargs="+", default=[16])
+    ap.add_argument("--dim", type=int, default=32)
+    ap.add_argument("--depth", type=int, default=1)
+    ap.add_argument("--heads", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=8)
+    ap.add_argument("--tasks", type=int, default=16, help="meta-batch size")
+    ap.add_argument("--shots", type=int, default=4, help="support (= query) sequences per task")
+    ap.add_argument("--inner-steps", type=int, default=1, help="MAML inner steps")
+    ap.add_argument("--inner-lr", type=float, default=0.1)
+    ap.add_argument("--imaml-inner-steps", type=int, default=5)
+    ap.add_argument("--cg-iters", type=int, default=5)
     ap.add_argument("--algos", nargs="+", default=["maml", "imaml"])
-    ap.add_argument("--paths", nargs="+", default=["theria", "reference", "sdpa_math", "sdpa"])
-    ap.add_argument(
-        "--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"]
-    )
-    ap.add_argument(
-        "--no-truth", action="store_true", help="skip the float64 meta-gradient (err vs f64)"
-    )
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--no-truth", action="store_true", help="skip the float64 meta-gradient")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: unchanged)")
     ap.add_argument("--out", default=None, help="results folder (default experiments/results)")
-    ap.add_argument("--name", default=None, help="result file name (default meta_step_<device>)")
+    ap.add_argument("--name", default=None, help="result file name (default meta_batched_<dev>)")
     return ap
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = _parser()
     args = ap.parse_args(argv)
-
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
     env = environment(device)
-    if device.type == "cpu":
-        env["cpu memory"] = (
-            "glibc mmap threshold fixed at 64 KiB (resident set follows live tensors)"
-            if _track_cpu_memory()
-            else "glibc mallopt unavailable: peaks are lower bounds"
-        )
     rows: list[list] = []
-    summary: dict[tuple, dict[str, float]] = {}
-    truths: dict[tuple[int, str], str] = {}
+    ratios: list[list] = []
     checks: list[str] = []
+    total = len(args.seq_lens) * len(args.algos) * len(args.strategies)
+    done = 0
+    t_start = time.perf_counter()
     for seq_len in args.seq_lens:
         sampler = MarkovChainTasks(
             vocab_size=args.vocab, seq_len=seq_len, k_shot=args.shots, k_query=args.shots
         )
         tasks = sampler.sample("train", args.tasks, torch.Generator().manual_seed(seq_len))
         tasks = tasks.to(device)
-        cfg = dict(
-            dim=args.dim,
-            depth=args.depth,
-            heads=args.heads,
-            vocab_size=args.vocab,
-            causal=True,
-            max_len=seq_len,
-        )
         for algo_name in args.algos:
-            algo = _algo(algo_name, args)
-            grads: dict[str, dict[str, torch.Tensor]] = {}
-            truth = None
-            if dtype != torch.float64 and not args.no_truth:
-                truths[(seq_len, algo_name)], truth = _truth(algo, cfg, tasks, device, dtype)
-            for path in sorted(args.paths, key=lambda p: p != "reference"):  # reference first
-                model = _model(cfg, path, device, dtype)
-                params = algo.init_params(model)
-                print(f"L={seq_len} {algo_name} {path} ...", flush=True)
-                last = {}
-
-                def step(a=algo, mo=model, p=params, t=tasks, last=last):
-                    last["grads"] = a(mo, p, t).grads
-
+            truth = (
+                None if args.no_truth else _truth(algo_name, args, seq_len, tasks, device, dtype)
+            )
+            res: dict[str, dict] = {}
+            for name in args.strategies:
+                done += 1
+                eta = (time.perf_counter() - t_start) / max(done - 1, 1) * (total - done + 1)
+                print(
+                    f"[{done}/{total}, ~{eta:.0f} s left] L={seq_len} {algo_name} {name}",
+                    flush=True,
+                )
+                made = _strategy(name, algo_name, args, seq_len, tasks, device, dtype)
+                if isinstance(made, str):
+                    rows.append([seq_len, algo_name, name, made, "", "", "", "", ""])
+                    continue
+                step, grads_of = made
                 try:
-                    m = measure(step, device, args.repeats)
-                except RuntimeError as e:  # a path that cannot take the step is a result
-                    first = str(e).split(":")[0]
-                    rows.append([seq_len, algo_name, path, "fails", "", "", first[:60], "", ""])
+                    m = _time(step, device, args.warmup, args.repeats)
+                    m["busy"] = _busy(step, device) if device.type == "cuda" else float("nan")
+                    err = "" if not isinstance(truth, dict) else _rel(grads_of(), truth)
+                except torch.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    rows.append([seq_len, algo_name, name, "OOM", "", "", "", "", ""])
                     continue
-                if "oom" in m:
-                    rows.append([seq_len, algo_name, path, "OOM", "", "", "", "", ""])
-                    continue
-                grads[path] = last["grads"]
-                ref = grads.get("reference")
-                err = "" if ref is None else f"{_rel(grads[path], ref):.1e}"
-                summary[(seq_len, algo_name, path)] = m
-                rows.append([seq_len, algo_name, path, m["ms"], m["ms_min"], m["peak_mb"], err])
-            _truth_columns(rows, seq_len, algo_name, grads, truth, checks)
-    ratio_rows = []
-    for seq_len in args.seq_lens:
-        for algo_name in args.algos:
-            ours = summary.get((seq_len, algo_name, "theria"))
-            for peer in ("theria_torch", "reference", "sdpa_math"):
-                other = summary.get((seq_len, algo_name, peer))
-                if ours and other:
-                    ratio_rows.append(
+                m["err"] = err
+                res[name] = m
+                busy = "" if m["busy"] != m["busy"] else f"{100 * m['busy']:.0f} %"
+                rows.append(
+                    [
+                        seq_len,
+                        algo_name,
+                        name,
+                        m["ms"],
+                        m["ms_min"],
+                        busy,
+                        m["peak_mb"],
+                        f"{err:.1e}" if err != "" else "",
+                        "",
+                    ]
+                )
+            peers = [
+                res[p]["err"] for p in ("vmap_math", "higher") if p in res and res[p]["err"] != ""
+            ]
+            if "theria" in res and res["theria"]["err"] != "":
+                verdict = (
+                    "n/a (no peer)"
+                    if not peers
+                    else "pass"
+                    if res["theria"]["err"] <= 2 * min(peers)
+                    else "FAIL"
+                )
+                checks.append(f"L={seq_len} {algo_name}: {verdict}")
+                for row in rows:
+                    if row[:3] == [seq_len, algo_name, "theria"]:
+                        row[-1] = verdict
+            for peer in ("sequential", "vmap_math", "higher"):
+                if "theria" in res and peer in res:
+                    a, b = res["theria"], res[peer]
+                    ratios.append(
                         [
                             seq_len,
                             algo_name,
-                            f"theria / {peer}",
-                            ours["ms"] / other["ms"],
-                            ours["peak_mb"] / max(other["peak_mb"], 1e-9),
+                            f"{peer} / theria",
+                            b["ms"] / a["ms"],
+                            b["peak_mb"] / max(a["peak_mb"], 1e-9),
                         ]
                     )
+    per = (
+        "the CUDA allocator's peak above the memory live before"
+        if device.type == "cuda"
+        else ("not measured on the CPU (see meta-paths for resident-set peaks)")
+    )
     body = (
-        f"One meta-step through a causal pre-LN transformer (depth {args.depth}, width "
-        f"{args.dim}, {args.heads} heads, vocab {args.vocab}, {args.dtype}) on a meta-batch of "
-        f"{args.tasks} Markov-chain tasks, {args.shots} support + {args.shots} query sequences "
-        f"of length L each, tasks processed sequentially. MAML: {args.inner_steps} inner "
-        f"step(s), second order. iMAML: {args.inner_steps} inner step(s), {args.cg_iters} CG "
-        f"iterations, reverse-over-reverse HVPs. Median of {args.repeats} repeats after a "
-        "warm-up; peak = "
-        + (
-            "CUDA allocator peak above the memory live before the step"
-            if device.type == "cuda"
-            else "resident memory above the level before the step (sampled)"
-        )
-        + ". `rel err`: the meta-gradient's relative difference from the `reference` path's "
-        "in the same dtype. "
-        + _truth_text(dtype, truths)
-        + "\n\n"
+        f"One meta-training step (meta-gradient and an Adam update) through a causal pre-LN "
+        f"transformer (depth {args.depth}, width {args.dim}, {args.heads} heads, vocab "
+        f"{args.vocab}, {args.dtype}) on a meta-batch of {args.tasks} Markov-chain tasks of "
+        f"{args.shots} support + {args.shots} query sequences of length L. MAML: "
+        f"{args.inner_steps} inner step(s) of {args.inner_lr}, second order; iMAML: "
+        f"{args.imaml_inner_steps} inner steps, {args.cg_iters} CG iterations, λ = 1. Median of "
+        f"{args.repeats} synchronised steps after {args.warmup} warm-up steps (where theria "
+        f"captures its graph). Peak: {per}. `err vs f64`: the meta-gradient's relative "
+        "error against a float64 meta-gradient (reference attention) from the same rounded "
+        "parameters; `2x rule`: theria's error at most twice the smaller of the math-SDPA "
+        "peers' (vmap_math, higher).\n\n"
         + markdown_table(
             [
                 "L",
                 "algo",
-                "attn",
+                "strategy",
                 "median ms",
                 "min ms",
+                "GPU busy",
                 "peak MB",
-                "rel err",
                 "err vs f64",
                 "2x rule",
             ],
             rows,
         )
-        + "\n\nRatios (below 1: theria is faster / uses less memory):\n\n"
-        + markdown_table(["L", "algo", "ratio", "time", "peak memory"], ratio_rows)
+        + "\n\nSpeed-ups of theria's default (above 1: theria is faster / uses less memory):\n\n"
+        + markdown_table(["L", "algo", "ratio", "time", "peak memory"], ratios)
         + (f"\n\n2x rule: {'; '.join(checks)}." if checks else "")
         + f"\n\nReproduce: `{command_line('python -m theria.bench meta', args, ap)}`"
     )
     write_result(
-        args.name or f"meta_step_{device.type}",
-        f"Meta-step (MAML, iMAML) through a transformer, per attention path, {device.type}",
+        args.name or f"meta_batched_{device.type}",
+        f"Meta-step by execution strategy, {device.type}",
         env,
         body,
         None if args.out is None else Path(args.out),

@@ -44,13 +44,24 @@ class Episode:
         """Task i of a batch, without the leading dim."""
         return self._map(lambda t: t[i])
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        """Moves tensors; `dtype` applies to floating-point inputs/targets only."""
+    def to(
+        self,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        non_blocking: bool = False,
+        pin: bool = False,
+    ):
+        """Moves tensors; `dtype` applies to floating-point inputs/targets only. `pin` stages
+        CPU tensors in pinned memory first, so that `non_blocking` copies to CUDA do not wait
+        for the device (the host can prepare the next batch while the GPU computes)."""
 
         def move(t: Tensor) -> Tensor:
+            if pin and t.device.type == "cpu":
+                t = t.pin_memory()
             if dtype is not None and t.is_floating_point():
-                return t.to(device=device, dtype=dtype)
-            return t.to(device=device)
+                return t.to(device=device, dtype=dtype, non_blocking=non_blocking)
+            return t.to(device=device, non_blocking=non_blocking)
 
         return self._map(move)
 
@@ -73,6 +84,14 @@ class Episode:
         kinds = {e.loss for e in episodes}
         if len(kinds) != 1:
             raise ValueError(f"Episode.stack: mixed loss kinds {sorted(kinds)}")
+        for f in ("support_x", "support_y", "query_x", "query_y", "task_info"):
+            shapes = [tuple(getattr(e, f).shape) for e in episodes]
+            if len(set(shapes)) != 1:
+                raise ValueError(
+                    f"Episode.stack: the tasks' {f} differ in shape ({shapes}); a meta-batch "
+                    "is one batched computation, so its tasks need equal shapes (sample them "
+                    "with equal k_shot / k_query / lengths, or pad them yourself with a mask)"
+                )
         return Episode(
             *(
                 torch.stack([getattr(e, f) for e in episodes])

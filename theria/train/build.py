@@ -13,6 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from theria.algos import FOMAML, IMAML, MAML
+from theria.algos.common import BATCHINGS
+from theria.algos.step import GRAPH_MODES
 from theria.config import TrainConfig
 from theria.models import ATTENTION_PATHS, MLP, MLPConfig, Transformer, TransformerConfig
 from theria.models.hf import HF_ARCHS, HF_ATTENTION, SLIDING_ARCHS
@@ -55,6 +57,8 @@ def check_config(cfg: DictConfig) -> DictConfig:
     _choice("optim.schedule", typed.optim.schedule, SCHEDULES)
     _choice("dtype", typed.dtype, tuple(DTYPES))
     _choice("algo.hvp", typed.algo.hvp, ("rev_rev", "fwd_rev"))
+    _choice("algo.batching", typed.algo.batching, BATCHINGS)
+    _choice("graph", typed.graph, GRAPH_MODES)
     _choice("dist.name", typed.dist.name, ("none", "ddp"))
     _choice("dist.backend", typed.dist.backend, ("auto", "nccl", "gloo"))
     if not typed.dist.timeout_s > 0:
@@ -245,14 +249,14 @@ def build_algo(cfg: DictConfig) -> MAML | IMAML:
                 cg_iters=a.cg_iters,
                 cg_damping=a.cg_damping,
                 hvp=a.hvp,
-                vmap=a.vmap,
+                batching=a.batching,
             )
         make = FOMAML if a.name == "fomaml" else MAML
         return make(
             inner_steps=a.inner_steps,
             inner_lr=a.inner_lr,
             learn_inner_lr=a.learn_inner_lr,
-            vmap=a.vmap,
+            batching=a.batching,
         )
     except ValueError as e:
         raise ConfigError(f"algo={a.name}: {e}") from e
@@ -264,18 +268,36 @@ class Optimization:
     scheduler: torch.optim.lr_scheduler.LambdaLR
 
 
+def place_lr(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Capturable Adam/AdamW on CUDA keep their learning rate as a 0-d tensor on `device` (so
+    a CUDA graph of the step reads the schedule's current value); everything else a float.
+    Also after loading a state dict, which may bring a tensor from another device."""
+    for group in optimizer.param_groups:
+        lr = float(group["lr"])
+        if group.get("capturable", False) and device.type == "cuda":
+            group["lr"] = torch.tensor(lr, dtype=torch.float32, device=device)
+        else:
+            group["lr"] = lr
+
+
 def build_optimizer(cfg: DictConfig, params: dict[str, torch.Tensor]) -> Optimization:
     """The meta-optimizer over the meta-parameters and its schedule: linear warm-up over
-    `optim.warmup_steps`, then constant or cosine decay to 0 at `steps`."""
+    `optim.warmup_steps`, then constant or cosine decay to 0 at `steps`. On CUDA (unless
+    `graph=off`) Adam/AdamW are built capturable, their learning rate a device tensor, so the
+    meta-step can be captured as a CUDA graph (theria.algos.step)."""
     o = cfg.optim
     leaves = list(params.values())
+    device = leaves[0].device
     if o.name == "sgd":
         opt = torch.optim.SGD(leaves, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     else:
         if len(o.betas) != 2:
             raise ConfigError(f"optim.betas must hold 2 numbers; got {list(o.betas)}")
         make = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
-        opt = make(leaves, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        capturable = device.type == "cuda" and cfg.graph != "off"
+        opt = make(leaves, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
+                   capturable=capturable)  # fmt: skip
+        place_lr(opt, device)
     warm, total, cosine = o.warmup_steps, cfg.steps, o.schedule == "cosine"
 
     def factor(step: int) -> float:

@@ -19,6 +19,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -31,17 +32,20 @@ from torch import Tensor
 from theria import distributed as D
 from theria._warnings import warn_once
 from theria.algos import IMAML, LR_PREFIX, MAML, Params
-from theria.algos.common import set_loss
+from theria.algos.common import resolve_batching, set_loss
+from theria.algos.step import MetaStep, NonFiniteStepError
 from theria.distributed import task_generator
 from theria.tasks import Episode, TaskSampler
 from theria.train.build import (
     DTYPES,
     ConfigError,
+    Optimization,
     build_algo,
     build_model,
     build_optimizer,
     build_sampler,
     check_config,
+    place_lr,
     resolve_device,
 )
 from theria.train.checkpoint import (
@@ -125,13 +129,6 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
 
 
-def _nonfinite(loss: Tensor, grads: Params) -> str | None:
-    if not bool(torch.isfinite(loss)):
-        return f"meta-loss {float(loss)}"
-    bad = [k for k, g in grads.items() if not bool(torch.isfinite(g).all())]
-    return f"meta-gradient of {bad[:3]}" if bad else None
-
-
 class _Scalars:
     """TensorBoard writer (imported only when enabled) and the console bar."""
 
@@ -182,6 +179,268 @@ def _inner_lr(algo: MAML | IMAML, params: Params) -> float:
     return float(algo.inner_lr)
 
 
+# --------------------------------------------------------------------------- set-up
+
+
+@dataclass
+class Run:
+    """Everything a training run holds: built by `_setup`, used by the steps below."""
+
+    cfg: DictConfig
+    ctx: D.DistContext
+    dir: Path
+    device: torch.device
+    dtype: torch.dtype
+    sampler: TaskSampler
+    model: torch.nn.Module
+    algo: MAML | IMAML
+    params: Params
+    optim: Optimization
+    train_gen: torch.Generator
+    resolved: dict[str, Any]
+    n_local: int  # tasks this rank draws per meta-step
+    sanity_every: int
+    step_fn: MetaStep | None = None
+    start: int = 0  # the step a resumed run continues after
+    history: list[dict] = field(default_factory=list)
+    elapsed: float = 0.0
+    last_good: tuple[Path, int] | None = None
+    mem_start: float = 0.0
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.dir / CHECKPOINT
+
+
+def _setup(cfg: DictConfig, run_dir: str | Path | None) -> Run:
+    """Checked config, process group, run directory, seeds, sampler, model, algorithm,
+    meta-parameters and optimizer."""
+    cfg = check_config(cfg)
+    ctx = D.DistContext()
+    if cfg.dist.name == "ddp":
+        ctx = D.setup(cfg.dist.backend, cfg.dist.timeout_s, cfg.device)
+        if not ctx.distributed:
+            warn_once("train:ddp-one-process", "theria.train: dist=ddp in a single process "
+                      "(not started by torchrun or submitit with several tasks): no data "
+                      "parallelism; see docs/DISTRIBUTED.md")  # fmt: skip
+    try:
+        n_local = D.local_batch(cfg.meta_batch, ctx)
+    except ValueError as e:
+        raise ConfigError(f"dist=ddp: {e}") from e
+    run = Path(D.broadcast_object(str(_run_dir(cfg, run_dir)) if ctx.is_main else "", ctx))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = ctx.device if ctx.distributed else resolve_device(cfg.device)
+    dtype = DTYPES[cfg.dtype]
+    sampler: TaskSampler = build_sampler(cfg)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = build_model(cfg).to(device=device, dtype=dtype)
+    algo = build_algo(cfg)
+    params = algo.init_params(model)
+    D.broadcast_params(params, ctx)  # replicas start equal (the same seed already makes them)
+    optim = build_optimizer(cfg, params)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(resolved, dict)
+    if cfg.model.name == "mlp" and cfg.attn.name != "theria":
+        warn_once("train:attn-mlp", f"theria.train: attn={cfg.attn.name} has no effect with "
+                  "model=mlp (no attention); use model=transformer with task=markov, glyphs "
+                  "or omniglot")  # fmt: skip
+    sanity_every = cfg.sanity_every
+    if sanity_every and cfg.model.name == "transformer" and cfg.attn.name == "sdpa":
+        warn_once(
+            "train:sanity-sdpa",
+            "theria.train: HVP sanity checks need double backward, which attn=sdpa (PyTorch's "
+            "fused kernels) lacks; sanity checks are off for this run (sanity_every ignored)",
+        )
+        sanity_every = 0
+    return Run(cfg, ctx, run, device, dtype, sampler, model, algo, params, optim,
+               task_generator(cfg.seed, ctx.rank), resolved, n_local, sanity_every)  # fmt: skip
+
+
+def _resume(r: Run) -> None:
+    """Continues from the checkpoint `cfg.resume` names, if any: parameters, optimizer and
+    schedule, every rank's task stream, the global RNGs, history and time."""
+    resume_from = resolve_resume(r.cfg.resume, r.dir)
+    if resume_from is None:
+        return
+    state = load_checkpoint(resume_from)
+    _check_resumable(state["config"], r.resolved, resume_from)
+    with torch.no_grad():
+        for k, p in r.params.items():
+            p.copy_(state["params"][k])
+    r.optim.optimizer.load_state_dict(state["optimizer"])
+    r.optim.scheduler.load_state_dict(state["scheduler"])
+    place_lr(r.optim.optimizer, r.device)
+    gens = state.get("task_generators", [state["task_generator"]])
+    if len(gens) != r.ctx.world_size:
+        raise ConfigError(
+            f"resume: {resume_from} was written by {len(gens)} process(es), this run has "
+            f"{r.ctx.world_size}; resume with the same number of ranks (their task streams)"
+        )
+    r.train_gen.set_state(gens[r.ctx.rank])
+    set_rng_state(state["rng"])
+    r.start, r.history, r.elapsed = state["step"], state["history"], state["elapsed_s"]
+    r.last_good = (resume_from, r.start)
+    print(f"[theria.train] resumed from {resume_from} at step {r.start}", file=sys.stderr)
+
+
+def _meta_step(r: Run, reduce_grads: ReduceGrads | None) -> MetaStep:
+    """The step: the algorithm, the all-reduce over ranks, clipping, the optimizer; captured
+    as a CUDA graph where it can be (`graph`), visibly eager where not."""
+    cfg = r.cfg
+    if reduce_grads is not None:
+        reduce = lambda res: replace(res, grads=reduce_grads(res.grads))  # noqa: E731
+    elif r.ctx.distributed:
+        reduce = lambda res: D.reduce_result(res, r.ctx)  # noqa: E731
+    else:
+        reduce = None
+    lr_changes = cfg.optim.schedule != "constant" or cfg.optim.warmup_steps > 0
+    step = MetaStep(r.algo, r.model, r.params, r.optim.optimizer, grad_clip=cfg.optim.grad_clip,
+                    graph=cfg.graph, reduce=reduce, lr_changes=lr_changes)  # fmt: skip
+    step.steps_done = r.start
+    if r.device.type == "cuda" and not step.graphed and cfg.graph == "auto":
+        warn_once("train:graph-off", f"theria.train: the meta-step runs without a CUDA graph "
+                  f"(slower at small sizes): {step.why_eager}")  # fmt: skip
+    return step
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+
+def _checkpoint(r: Run, step: int) -> None:
+    """Every rank's state into <run>/checkpoints/last.pt (rank 0 writes), atomically."""
+    D.assert_same_params(r.params, r.ctx)  # the replicas must still be bitwise equal
+    gens = D.gather_objects(r.train_gen.get_state(), r.ctx)  # every rank's task stream
+    if r.ctx.is_main:
+        save_checkpoint(r.ckpt_path, {
+            "step": step,
+            "params": {k: v.detach().cpu() for k, v in r.params.items()},
+            "optimizer": r.optim.optimizer.state_dict(),
+            "scheduler": r.optim.scheduler.state_dict(),
+            "task_generator": gens[0],
+            "task_generators": gens,
+            "rng": rng_state(),
+            "history": r.history,
+            "elapsed_s": r.elapsed,
+            "config": r.resolved,
+        })  # fmt: skip
+    D.barrier(r.ctx, "the barrier after writing the checkpoint")
+    r.last_good = (r.ckpt_path, step)
+
+
+def _check_finite(r: Run, step_fn: MetaStep) -> None:
+    """Raises NonFiniteLossError (naming the step and the last good checkpoint) when a step
+    had a non-finite meta-loss or meta-gradient."""
+    try:
+        step_fn.check()
+    except NonFiniteStepError as e:
+        raise _non_finite(r, e) from e
+
+
+def _non_finite(r: Run, e: NonFiniteStepError) -> NonFiniteLossError:
+    where = (
+        f"the last good checkpoint is {r.last_good[0]} (step {r.last_good[1]}); "
+        f"resume={str(r.last_good[0].parent.parent)!r} continues from it"
+        if r.last_good else "no checkpoint had been written yet"
+    )  # fmt: skip
+    return NonFiniteLossError(
+        f"non-finite {e.what} at step {e.step} of {r.cfg.steps}: "
+        f"{'the run stopped at the next check' if e.applied else 'stopped before applying it'}"
+        f"; {where}. Lower optim.lr (or algo.inner_lr) or set optim.grad_clip."
+    )
+
+
+# --------------------------------------------------------------------------- log
+
+
+def _log_step(r: Run, log: _Scalars, step: int, stats: dict[str, Tensor], tasks: Episode,
+              lr: float, window: list[float], val_loss: float) -> None:  # fmt: skip
+    """Scalars of this step (reading the device: only at log steps) to TensorBoard and the bar."""
+    m = {k: float(v) for k, v in stats.items()}
+    mean_dt = sum(window) / len(window)
+    scalars = {
+        "train/loss": m["query_loss"],
+        "inner/support_loss_pre": m["support_loss_pre"],
+        "inner/query_loss_pre": _query_loss_pre(r.model, r.params, tasks),
+        "inner/query_loss_post": m["query_loss"],
+        "perf/step_time_s": mean_dt,
+        "perf/tasks_per_s": r.cfg.meta_batch / mean_dt,
+        "perf/peak_mem_mb": _peak_memory_mb(r.device),
+        "lr/meta": lr,
+        "lr/inner": _inner_lr(r.algo, r.params),
+        "train/grad_norm": m["grad_norm"],
+    }
+    if "query_acc" in m:
+        scalars["train/acc"] = m["query_acc"]
+    scalars |= {f"imaml/{k}": v for k, v in m.items() if k.startswith(("cg_", "inner_g"))}
+    log.scalars(scalars, step)
+    if log.bar is not None:
+        post = {"loss": f"{m['query_loss']:.4g}", "val": f"{val_loss:.4g}",
+                "tasks/s": f"{r.cfg.meta_batch / mean_dt:.1f}"}  # fmt: skip
+        if "query_acc" in m:
+            post["acc"] = f"{m['query_acc']:.3f}"
+        log.bar.set_postfix(post, refresh=False)
+
+
+def _sanity(r: Run, log: _Scalars, step: int, tasks: Episode) -> None:
+    from theria.sanity import sanity_checks
+
+    # On the run's device: the float64 checks of a CUDA run use the blockwise code for
+    # attention (no float64 Triton kernel: attn=theria's auto picks it; an explicit
+    # backend='triton' falls back to it with a one-time warning).
+    checks = sanity_checks(r.model, r.params, tasks, r.algo, seed=step)
+    log.scalars({f"sanity/{k}": v for k, v in checks.items()}, step)
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def _validate(r: Run, step: int) -> dict[str, dict[str, float]]:
+    cfg = r.cfg
+    val = evaluate(r.algo, r.model, r.params, r.sampler, "val", cfg.val_tasks, VAL_SEED,
+                   cfg.algo.eval_inner_steps, device=r.device, dtype=r.dtype)  # fmt: skip
+    r.history.append({"step": step} | {k: v["mean"] for k, v in val.items()})
+    return val
+
+
+def _finish(r: Run, log: _Scalars) -> dict[str, Any] | None:
+    """Rank 0: the meta-test, results.json and the HParams summary; None on other ranks."""
+    if not r.ctx.is_main:
+        return None
+    cfg = r.cfg
+    train_peak = _peak_memory_mb(r.device)  # through meta-training, before the meta-test
+    test = evaluate(r.algo, r.model, r.params, r.sampler, "test", cfg.test_tasks, TEST_SEED,
+                    cfg.algo.eval_inner_steps, device=r.device, dtype=r.dtype)  # fmt: skip
+    results = {
+        "name": cfg.name,
+        "overrides": _overrides(),
+        "config": r.resolved,
+        "steps": cfg.steps,
+        "test": test,
+        "val_history": r.history,
+        "train_time_s": r.elapsed,
+        "peak_mem_mb": train_peak,
+        "mem_at_start_mb": r.mem_start,  # CPU: the process's RSS before the first step
+        "device": str(r.device),
+        "world_size": r.ctx.world_size,
+        "batching": resolve_batching(r.algo.batching, r.model),
+        "cuda_graph": bool(r.step_fn is not None and r.step_fn.graphed),
+        "run_dir": str(r.dir),
+        "tensorboard": str(r.dir / TB_DIR) if cfg.logger.tensorboard else None,
+        "checkpoint": str(r.ckpt_path),
+    }
+    _write_json(r.dir / RESULTS, results)
+    if log.writer is not None:
+        log.writer.add_hparams(_hparams(r.resolved), _final_metrics(test, r.history),
+                               run_name=".", global_step=cfg.steps)  # fmt: skip
+    return results
+
+
+# --------------------------------------------------------------------------- train
+
+
 def train(
     cfg: DictConfig,
     run_dir: str | Path | None = None,
@@ -200,220 +459,72 @@ def train(
     only rank 0 writes to it, and every rank returns rank 0's results. `reduce_grads`, when
     given, replaces the default reduction (theria.distributed.reduce_result) of the
     meta-gradient."""
-    cfg = check_config(cfg)
-    ctx = D.DistContext()
-    if cfg.dist.name == "ddp":
-        ctx = D.setup(cfg.dist.backend, cfg.dist.timeout_s, cfg.device)
-        if not ctx.distributed:
-            warn_once("train:ddp-one-process", "theria.train: dist=ddp in a single process "
-                      "(not started by torchrun or submitit with several tasks): no data "
-                      "parallelism; see docs/DISTRIBUTED.md")  # fmt: skip
-    try:
-        n_local = D.local_batch(cfg.meta_batch, ctx)  # tasks this rank draws per meta-step
-    except ValueError as e:
-        raise ConfigError(f"dist=ddp: {e}") from e
-    run = Path(D.broadcast_object(str(_run_dir(cfg, run_dir)) if ctx.is_main else "", ctx))
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = ctx.device if ctx.distributed else resolve_device(cfg.device)
-    dtype = DTYPES[cfg.dtype]
-    sampler: TaskSampler = build_sampler(cfg)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
-    model = build_model(cfg).to(device=device, dtype=dtype)
-    algo = build_algo(cfg)
-    params = algo.init_params(model)
-    D.broadcast_params(params, ctx)  # replicas start equal (the same seed already makes them)
-    optim = build_optimizer(cfg, params)
-    train_gen = task_generator(cfg.seed, ctx.rank)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(resolved, dict)
-
-    if cfg.model.name == "mlp" and cfg.attn.name != "theria":
-        warn_once("train:attn-mlp", f"theria.train: attn={cfg.attn.name} has no effect with "
-                  "model=mlp (no attention); use model=transformer with task=markov, glyphs "
-                  "or omniglot")  # fmt: skip
-    sanity_every = cfg.sanity_every
-    if sanity_every and cfg.model.name == "transformer" and cfg.attn.name == "sdpa":
-        warn_once(
-            "train:sanity-sdpa",
-            "theria.train: HVP sanity checks need double backward, which attn=sdpa (PyTorch's "
-            "fused kernels) lacks; sanity checks are off for this run (sanity_every ignored)",
-        )
-        sanity_every = 0
-
-    ckpt_path = run / CHECKPOINT
-    start, history, elapsed, last_good = 0, [], 0.0, None
-    resume_from = resolve_resume(cfg.resume, run)
-    if resume_from is not None:
-        state = load_checkpoint(resume_from)
-        _check_resumable(state["config"], resolved, resume_from)
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(state["params"][k])
-        optim.optimizer.load_state_dict(state["optimizer"])
-        optim.scheduler.load_state_dict(state["scheduler"])
-        gens = state.get("task_generators", [state["task_generator"]])
-        if len(gens) != ctx.world_size:
-            raise ConfigError(
-                f"resume: {resume_from} was written by {len(gens)} process(es), this run has "
-                f"{ctx.world_size}; resume with the same number of ranks (their task streams)"
-            )
-        train_gen.set_state(gens[ctx.rank])
-        set_rng_state(state["rng"])
-        start, history, elapsed = state["step"], state["history"], state["elapsed_s"]
-        last_good = (resume_from, start)
-        print(f"[theria.train] resumed from {resume_from} at step {start}", file=sys.stderr)
-
-    def checkpoint(step: int) -> None:
-        nonlocal last_good
-        D.assert_same_params(params, ctx)  # the replicas must still be bitwise equal
-        gens = D.gather_objects(train_gen.get_state(), ctx)  # every rank's task stream
-        if ctx.is_main:
-            save_checkpoint(ckpt_path, {
-                "step": step,
-                "params": {k: v.detach().cpu() for k, v in params.items()},
-                "optimizer": optim.optimizer.state_dict(),
-                "scheduler": optim.scheduler.state_dict(),
-                "task_generator": gens[0],
-                "task_generators": gens,
-                "rng": rng_state(),
-                "history": history,
-                "elapsed_s": elapsed,
-                "config": resolved,
-            })  # fmt: skip
-        D.barrier(ctx, "the barrier after writing the checkpoint")
-        last_good = (ckpt_path, step)
-
-    def validate(step: int) -> dict[str, dict[str, float]]:
-        val = evaluate(algo, model, params, sampler, "val", cfg.val_tasks, VAL_SEED,
-                       cfg.algo.eval_inner_steps, device=device, dtype=dtype)  # fmt: skip
-        history.append({"step": step} | {k: v["mean"] for k, v in val.items()})
-        return val
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    mem_start = _peak_memory_mb(device)
-    log = _Scalars(cfg, run, start, enabled=ctx.is_main)
-    if log.writer is not None and start == 0:
+    # 1. set-up: config, devices, data, model, algorithm, optimizer; resume
+    r = _setup(cfg, run_dir)
+    cfg = r.cfg
+    _resume(r)
+    step_fn = r.step_fn = _meta_step(r, reduce_grads)
+    if r.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(r.device)
+    r.mem_start = _peak_memory_mb(r.device)
+    log = _Scalars(cfg, r.dir, r.start, enabled=r.ctx.is_main)
+    if log.writer is not None and r.start == 0:
         text = OmegaConf.to_yaml(cfg, resolve=True).replace("\n", "\n    ")
         log.writer.add_text("config", "    " + text)  # indented: a code block in markdown
     window: list[float] = []
-    val_loss = history[-1]["query_loss_post"] if history else float("nan")
+    val_loss = r.history[-1]["query_loss_post"] if r.history else float("nan")
+    pin = r.device.type == "cuda"
     try:
-        for step in range(start + 1, cfg.steps + 1):
+        for step in range(r.start + 1, cfg.steps + 1):
+            # 2. step: sample tasks (overlapping the GPU's previous step), one meta-step
             t0 = time.perf_counter()
-            tasks = sampler.sample("train", n_local, train_gen).to(device, dtype)
-            result = algo(model, params, tasks)
-            if reduce_grads is None:  # loss, metrics and meta-gradient averaged over ranks
-                result = D.reduce_result(result, ctx)
-                grads = result.grads
-            else:
-                grads = reduce_grads(result.grads)
-            bad = _nonfinite(result.loss, grads)
-            if bad is not None:
-                where = (
-                    f"the last good checkpoint is {last_good[0]} (step {last_good[1]}); "
-                    f"resume={str(last_good[0].parent.parent)!r} continues from it"
-                    if last_good else "no checkpoint had been written yet"
-                )  # fmt: skip
-                raise NonFiniteLossError(
-                    f"non-finite {bad} at step {step} of {cfg.steps}: stopped before applying "
-                    f"it; {where}. Lower optim.lr or set optim.grad_clip."
-                )
-            for k, p in params.items():
-                p.grad = grads[k].to(p.dtype)
-            grad_norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())))
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.optim.grad_clip)
-            lr = optim.scheduler.get_last_lr()[0]
-            optim.optimizer.step()
-            optim.scheduler.step()
-            optim.optimizer.zero_grad(set_to_none=True)
+            tasks = r.sampler.sample("train", r.n_local, r.train_gen)
+            tasks = tasks.to(r.device, r.dtype, non_blocking=pin, pin=pin)
+            lr = r.optim.scheduler.get_last_lr()[0]
+            try:
+                stats = step_fn(tasks)
+            except NonFiniteStepError as e:
+                raise _non_finite(r, e) from e
+            r.optim.scheduler.step()
+            is_log = step % cfg.logger.log_every == 0 or step == cfg.steps or step == r.start + 1
+            is_ckpt = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (
+                step == cfg.steps)  # fmt: skip
+            is_val = r.ctx.is_main and ((cfg.eval_every and step % cfg.eval_every == 0)
+                                        or step == cfg.steps)  # fmt: skip
+            is_sanity = r.sanity_every and r.ctx.is_main and (
+                step % r.sanity_every == 0 or step == 1)  # fmt: skip
+            if is_log or is_ckpt or is_val or is_sanity:  # the device is read here only
+                _check_finite(r, step_fn)
+                if r.device.type == "cuda":
+                    torch.cuda.synchronize(r.device)
             dt = time.perf_counter() - t0
-            elapsed += dt
+            r.elapsed += dt
             window.append(dt)
 
-            if step % cfg.logger.log_every == 0 or step == cfg.steps or step == start + 1:
-                m = result.metrics
-                mean_dt = sum(window) / len(window)
-                scalars = {
-                    "train/loss": m["query_loss"],
-                    "inner/support_loss_pre": m["support_loss_pre"],
-                    "inner/query_loss_pre": _query_loss_pre(model, params, tasks),
-                    "inner/query_loss_post": m["query_loss"],
-                    "perf/step_time_s": mean_dt,
-                    "perf/tasks_per_s": cfg.meta_batch / mean_dt,
-                    "perf/peak_mem_mb": _peak_memory_mb(device),
-                    "lr/meta": lr,
-                    "lr/inner": _inner_lr(algo, params),
-                    "train/grad_norm": grad_norm,
-                }
-                if "query_acc" in m:
-                    scalars["train/acc"] = m["query_acc"]
-                scalars |= {
-                    f"imaml/{k}": v for k, v in m.items() if k.startswith(("cg_", "inner_g"))
-                }
-                log.scalars(scalars, step)
+            # 3. log
+            if is_log:
+                _log_step(r, log, step, stats, tasks, float(lr), window, val_loss)
                 window.clear()
-                if log.bar is not None:
-                    post = {"loss": f"{m['query_loss']:.4g}", "val": f"{val_loss:.4g}",
-                            "tasks/s": f"{cfg.meta_batch / mean_dt:.1f}"}  # fmt: skip
-                    if "query_acc" in m:
-                        post["acc"] = f"{m['query_acc']:.3f}"
-                    log.bar.set_postfix(post, refresh=False)
-
-            if sanity_every and ctx.is_main and (step % sanity_every == 0 or step == 1):
-                from theria.sanity import sanity_checks
-
-                # On the run's device: the float64 checks of a CUDA run use the blockwise code
-                # for attention (no float64 Triton kernel: attn=theria's auto picks it; an
-                # explicit backend='triton' falls back to it with a one-time warning).
-                checks = sanity_checks(model, params, tasks, algo, seed=step)
-                log.scalars({f"sanity/{k}": v for k, v in checks.items()}, step)
-
-            if ctx.is_main and ((cfg.eval_every and step % cfg.eval_every == 0)
-                                or step == cfg.steps):  # fmt: skip
-                val = validate(step)
+            if is_sanity:
+                _sanity(r, log, step, tasks)
+            # 4. evaluate
+            if is_val:
+                val = _validate(r, step)
                 val_loss = val["query_loss_post"]["mean"]
                 log.scalars({f"val/{k}": v["mean"] for k, v in val.items()}, step)
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
-                checkpoint(step)
+            # 5. checkpoint
+            if is_ckpt:
+                _checkpoint(r, step)
             if log.bar is not None:
                 log.bar.update(1)
     except BaseException:
         log.close()
         raise
-
-    results = None
-    if ctx.is_main:  # rank 0 evaluates and writes; the other ranks wait for its results
-        train_peak = _peak_memory_mb(device)  # through meta-training, before the meta-test
-        test = evaluate(algo, model, params, sampler, "test", cfg.test_tasks, TEST_SEED,
-                        cfg.algo.eval_inner_steps, device=device, dtype=dtype)  # fmt: skip
-        results = {
-            "name": cfg.name,
-            "overrides": _overrides(),
-            "config": resolved,
-            "steps": cfg.steps,
-            "test": test,
-            "val_history": history,
-            "train_time_s": elapsed,
-            "peak_mem_mb": train_peak,
-            "mem_at_start_mb": mem_start,  # CPU: the process's RSS before the first step
-            "device": str(device),
-            "world_size": ctx.world_size,
-            "run_dir": str(run),
-            "tensorboard": str(run / TB_DIR) if cfg.logger.tensorboard else None,
-            "checkpoint": str(ckpt_path),
-        }
-        _write_json(run / RESULTS, results)
-        if log.writer is not None:
-            log.writer.add_hparams(_hparams(resolved), _final_metrics(test, history),
-                                   run_name=".", global_step=cfg.steps)  # fmt: skip
+    # 6. meta-test and results (rank 0); every rank returns rank 0's results
+    results = _finish(r, log)
     log.close()
     # the process group stays for the next run of a sweep in this process (left at exit)
-    return D.broadcast_object(results, ctx)
+    return D.broadcast_object(results, r.ctx)
 
 
 def _write_json(path: Path, obj: Any) -> None:
