@@ -88,11 +88,11 @@ def check_config(cfg: DictConfig) -> DictConfig:
 def _check_hf(cfg: DictConfig) -> None:
     """model=hf: what can fail is found before any work (no transformers import here)."""
     h = cfg.model.hf
-    if cfg.algo.vmap:
+    if cfg.algo.batching in ("batched", "vmap"):
         raise ConfigError(
-            "algo.vmap=true with model=hf: transformers models are not supported under "
-            "torch.func.vmap over tasks (HFCausalLM.supports_task_vmap is False); set "
-            "algo.vmap=false"
+            f"algo.batching={cfg.algo.batching} with model=hf: transformers models are not "
+            "run under torch.func.vmap over tasks (HFCausalLM.supports_task_vmap is False); "
+            "use algo.batching=auto or sequential"
         )
     if cfg.attn.name == "sdpa" and cfg.sanity_every > 0:
         raise ConfigError(
