@@ -38,11 +38,11 @@ def test_meta_bench_table(tmp_path, capsys):
             assert verdict == ("pass" if path == "theria" else ""), (algo, path, f64)
     assert "float64 truth through `reference`" in text
     # the reproduce line names every flag that differs from the defaults, and parses back
-    line = re.search(r"Reproduce: `python -m theria.bench.meta_paths (.*)`", text).group(1)
+    line = re.search(r"Reproduce: `python -m theria.bench meta-paths (.*)`", text).group(1)
     again = meta._parser().parse_args(shlex.split(line))
     assert (
-        command_line("python -m theria.bench.meta_paths", again, meta._parser())
-        == f"python -m theria.bench.meta_paths {line}"
+        command_line("python -m theria.bench meta-paths", again, meta._parser())
+        == f"python -m theria.bench meta-paths {line}"
     )
     assert line.startswith("--device cpu --seq-lens 24 --dim 16 --depth 1 --heads 2")
 

@@ -138,3 +138,6 @@ def test_episode_stack_and_task():
     back = Episode.stack([e.task(i) for i in range(3)])
     assert all(torch.equal(a, b) for a, b in zip(back.tensors(), e.tensors(), strict=True))
     assert e.to(dtype=torch.float64).support_x.dtype == torch.float64
+    other = SinusoidTasks(k_shot=4, k_query=3).sample("train", 1, gen()).task(0)
+    with pytest.raises(ValueError, match=r"support_x differ in shape \(\[\(2, 1\), \(4, 1\)\]"):
+        Episode.stack([e.task(0), other])

@@ -4,6 +4,7 @@ fail before any work with the key in the message."""
 from __future__ import annotations
 
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
@@ -68,6 +69,13 @@ def test_bad_value_names_the_key(tmp_path) -> None:
         train(compose_config(["meta_batch=0"]), run_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"model=mlp .* task=markov needs model=transformer"):
         train(compose_config(["task=markov"]), run_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"algo\.batching='parallel'"):
+        train(compose_config(["algo.batching=parallel"]), run_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"graph='always'"):
+        train(compose_config(["graph=always"]), run_dir=tmp_path)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"graph=on needs a CUDA device"):
+            train(compose_config(["graph=on"]), run_dir=tmp_path)
     assert not (tmp_path / "checkpoints").exists()  # failed before any work
 
 

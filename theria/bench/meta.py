@@ -170,7 +170,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(step: Step, device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
+def _time(step: Step, device: torch.device, warmup: int, repeats: int, budget_s: float):
+    """Median synchronised wall time of a step after `warmup` steps, over `repeats` steps or
+    fewer (at least 2) where the steps are slow (`budget_s` of timed steps at most)."""
     for _ in range(warmup):
         step()
     _sync(device)
@@ -178,34 +180,33 @@ def _time(step: Step, device: torch.device, warmup: int, repeats: int) -> dict[s
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    times = []
-    for _ in range(repeats):
+    times: list[float] = []
+    while len(times) < repeats and (len(times) < 2 or sum(times) < budget_s * 1e3):
         _sync(device)
         t0 = time.perf_counter()
         step()
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
-    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else 0
-    return {"ms": statistics.median(times), "ms_min": min(times), "peak_mb": peak}
+    cuda = device.type == "cuda"
+    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else float("nan")
+    return {"ms": statistics.median(times), "ms_min": min(times), "peak_mb": peak, "n": len(times)}
 
 
-def _busy(step: Step, device: torch.device, n: int = 3) -> float:
-    """CUDA kernel time / wall time over `n` steps, from torch.profiler."""
+def _busy(step: Step, device: torch.device, wall_ms: float) -> float:
+    """CUDA kernel time of one step (torch.profiler, CUDA activity only, so the host is not
+    slowed by tracing) over the step's median wall time."""
     from torch.profiler import ProfilerActivity, profile
 
     _sync(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            step()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
         _sync(device)
-        wall = time.perf_counter() - t0
     kernel_us = sum(
         e.self_device_time_total
         for e in prof.key_averages()
         if getattr(e, "device_type", None) is not None and "cuda" in str(e.device_type).lower()
     )
-    return kernel_us / 1e6 / wall
+    return kernel_us / 1e3 / wall_ms
 
 
 def _rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -253,6 +254,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-truth", action="store_true", help="skip the float64 meta-gradient")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--budget", type=float, default=3.0, help="seconds of timed steps at most")
+    ap.add_argument("--max-truth", type=int, default=1 << 30, help="no float64 truth above L")
+    ap.add_argument("--max-peer", type=int, default=1 << 30, help="only theria above this L")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: unchanged)")
     ap.add_argument("--out", default=None, help="results folder (default experiments/results)")
     ap.add_argument("--name", default=None, help="result file name (default meta_batched_<dev>)")
@@ -270,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     ratios: list[list] = []
     checks: list[str] = []
     total = len(args.seq_lens) * len(args.algos) * len(args.strategies)
+    cpu = device.type == "cpu"
     done = 0
     t_start = time.perf_counter()
     for seq_len in args.seq_lens:
@@ -285,6 +290,21 @@ def main(argv: list[str] | None = None) -> None:
             res: dict[str, dict] = {}
             for name in args.strategies:
                 done += 1
+                if name != "theria" and seq_len > args.max_peer:
+                    rows.append(
+                        [
+                            seq_len,
+                            algo_name,
+                            name,
+                            f"not run (L > {args.max_peer})",
+                            "",
+                            "",
+                            "",
+                            "",
+                            "",
+                        ]
+                    )
+                    continue
                 eta = (time.perf_counter() - t_start) / max(done - 1, 1) * (total - done + 1)
                 print(
                     f"[{done}/{total}, ~{eta:.0f} s left] L={seq_len} {algo_name} {name}",
@@ -296,12 +316,19 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 step, grads_of = made
                 try:
-                    m = _time(step, device, args.warmup, args.repeats)
-                    m["busy"] = _busy(step, device) if device.type == "cuda" else float("nan")
+                    m = _time(step, device, args.warmup, args.repeats, args.budget)
+                    cuda = device.type == "cuda"
+                    m["busy"] = _busy(step, device, m["ms"]) if cuda else float("nan")
                     err = "" if not isinstance(truth, dict) else _rel(grads_of(), truth)
                 except torch.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     rows.append([seq_len, algo_name, name, "OOM", "", "", "", "", ""])
+                    continue
+                except (RuntimeError, NotImplementedError) as e:  # a failing peer is a result
+                    first = str(e).strip().splitlines()[0][:80] if str(e).strip() else ""
+                    rows.append([seq_len, algo_name, name, f"fails: {type(e).__name__}: "
+                                 f"{first}", "", "", "", "", ""])  # fmt: skip
+                    print(f"  {name} failed: {type(e).__name__}: {first}", flush=True)
                     continue
                 m["err"] = err
                 res[name] = m
@@ -314,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
                         m["ms"],
                         m["ms_min"],
                         busy,
-                        m["peak_mb"],
+                        "" if m["peak_mb"] != m["peak_mb"] else m["peak_mb"],
                         f"{err:.1e}" if err != "" else "",
                         "",
                     ]
@@ -343,9 +370,15 @@ def main(argv: list[str] | None = None) -> None:
                             algo_name,
                             f"{peer} / theria",
                             b["ms"] / a["ms"],
-                            b["peak_mb"] / max(a["peak_mb"], 1e-9),
+                            "" if cpu else b["peak_mb"] / max(a["peak_mb"], 1e-9),
                         ]
                     )
+            _write(args, ap, device, env, rows, ratios, checks)
+
+
+def _write(args, ap, device, env, rows, ratios, checks) -> None:
+    """Writes the result file (again after each L and algorithm: a cut-short run keeps what
+    it measured)."""
     per = (
         "the CUDA allocator's peak above the memory live before"
         if device.type == "cuda"
@@ -357,9 +390,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.vocab}, {args.dtype}) on a meta-batch of {args.tasks} Markov-chain tasks of "
         f"{args.shots} support + {args.shots} query sequences of length L. MAML: "
         f"{args.inner_steps} inner step(s) of {args.inner_lr}, second order; iMAML: "
-        f"{args.imaml_inner_steps} inner steps, {args.cg_iters} CG iterations, λ = 1. Median of "
-        f"{args.repeats} synchronised steps after {args.warmup} warm-up steps (where theria "
-        f"captures its graph). Peak: {per}. `err vs f64`: the meta-gradient's relative "
+        f"{args.imaml_inner_steps} inner steps, {args.cg_iters} CG iterations, λ = 1. Median of up "
+        f"to {args.repeats} synchronised steps (fewer, at least 2, past {args.budget} s of "
+        f"timed steps) after {args.warmup} warm-up steps (where theria captures its graph); "
+        "GPU busy: CUDA kernel time of one profiled step over the median wall time. "
+        f"Peak: {per}. `err vs f64`: the meta-gradient's relative "
         "error against a float64 meta-gradient (reference attention) from the same rounded "
         "parameters; `2x rule`: theria's error at most twice the smaller of the math-SDPA "
         "peers' (vmap_math, higher).\n\n"

@@ -82,6 +82,14 @@ def check_config(cfg: DictConfig) -> DictConfig:
     device = typed.device
     if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
         raise ConfigError(f"device={device!r}: expected auto, cpu, cuda or cuda:N")
+    if typed.graph == "on":
+        if device == "cpu" or not torch.cuda.is_available():
+            raise ConfigError(
+                f"graph=on needs a CUDA device (device={device!r}, CUDA available: "
+                f"{torch.cuda.is_available()}); use graph=auto (CUDA graphs where they work)"
+            )
+        if typed.dist.name == "ddp":
+            raise ConfigError("graph=on with dist=ddp: the all-reduce runs eagerly; use graph=auto")
     return typed
 
 
@@ -297,7 +305,6 @@ def build_optimizer(cfg: DictConfig, params: dict[str, torch.Tensor]) -> Optimiz
         capturable = device.type == "cuda" and cfg.graph != "off"
         opt = make(leaves, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
                    capturable=capturable)  # fmt: skip
-        place_lr(opt, device)
     warm, total, cosine = o.warmup_steps, cfg.steps, o.schedule == "cosine"
 
     def factor(step: int) -> float:
@@ -308,4 +315,8 @@ def build_optimizer(cfg: DictConfig, params: dict[str, torch.Tensor]) -> Optimiz
         progress = min(1.0, (step - warm) / max(1, total - warm))
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    return Optimization(opt, torch.optim.lr_scheduler.LambdaLR(opt, factor))
+    # the schedule's base rates stay floats (a tensor base rate costs a host sync per step);
+    # then the rate a capturable optimizer reads becomes a device tensor the schedule fills
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    place_lr(opt, device)
+    return Optimization(opt, schedule)

@@ -1,13 +1,19 @@
 """The meta-training loop behind `python -m theria.train`: `train(cfg)` is a plain function.
 
-One meta-step: sample `meta_batch` training tasks, let the algorithm return (meta-loss,
-meta-gradient, metrics), average it over ranks (`theria.distributed.reduce_result`: the
-identity for one process; under torchrun with dist=ddp an all-reduce, each rank drawing
-meta_batch / world_size tasks from `task_generator(seed, rank)`), refuse non-finite values,
-clip, step the optimizer and the schedule. Around it: scalars to TensorBoard, HVP sanity
-checks (theria.sanity), meta-validation, atomic checkpoints, and at the end a meta-test
-evaluation written to results.json; under dist=ddp rank 0 alone logs, checkpoints and
-evaluates.
+Read `train()` top to bottom; each numbered section is a named step below it:
+1. set-up (`_setup`, `_resume`, `_meta_step`): the checked config, process group, run
+   directory, seeds, sampler, model, algorithm, meta-parameters, optimizer, and the meta-step;
+   a resumed run restores all of it from the checkpoint.
+2. step: sample `meta_batch` training tasks (each rank of dist=ddp draws meta_batch /
+   world_size from `task_generator(seed, rank)`), then one `MetaStep` (theria.algos.step):
+   the algorithm's meta-gradient over all tasks at once (`algo.batching`), the all-reduce over
+   ranks, clipping, the optimizer; on CUDA captured once as a CUDA graph and replayed
+   (`graph`). The device is read only at log, sanity, validation and checkpoint steps, where a
+   non-finite step is also caught (`_check_finite`).
+3. log (`_log_step`, `_sanity`): TensorBoard scalars, the progress bar, the HVP sanity checks.
+4. evaluate (`_validate`): meta-validation on the same tasks every time.
+5. checkpoint (`_checkpoint`): atomic, every rank's task stream; only after the finite check.
+6. finish (`_finish`): the meta-test, results.json, the HParams summary (rank 0).
 """
 
 from __future__ import annotations
