@@ -167,6 +167,20 @@ BAD_INPUTS = [
     ("empty attention", _qkv(ks=(0, 4), vs=(0, 4)), {}),
     ("scale must be", _qkv(), {"scale": True}),
     ("block_size", _qkv(), {"block_size": True}),
+    # a string flag is truthy: refused (PyTorch raises TypeError too), never taken as True
+    ("is_causal must be a bool", _qkv(), {"is_causal": "False"}),
+    ("is_causal must be a bool", _qkv(), {"is_causal": 1}),
+    ("enable_gqa must be a bool", _qkv(), {"enable_gqa": "False"}),
+    ("dropout_p must be a number", _qkv(), {"dropout_p": "0.1"}),
+    ("dropout_p must be a number", _qkv(), {"dropout_p": None}),
+    ("dropout_p must be in", _qkv(), {"dropout_p": float("nan")}),
+    ("scale must be .* got a tensor of shape \\(1,\\)", _qkv(), {"scale": torch.ones(1)}),
+    ("scale must be .* requires grad", _qkv(), {"scale": torch.tensor(0.5, requires_grad=True)}),
+    ("scale must be", _qkv(), {"scale": "0.5"}),
+    ("scale must be a finite", _qkv(), {"scale": float("inf")}),
+    ("scale=1e\\+39 overflows torch.float32", _qkv(), {"scale": 1e39}),
+    ("block_size must be a positive int; got 2.0", _qkv(), {"block_size": 2.0}),
+    ("dense \\(strided\\)", lambda: (torch.randn(2, 4).to_sparse(), *_qkv()()[1:]), {}),
 ]
 
 

@@ -65,7 +65,7 @@ def test_typo_or_wrong_type_names_the_key(override: str, key: str) -> None:
 def test_bad_value_names_the_key(tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"algo\.name='mamll'"):
         train(compose_config(["algo.name=mamll"]), run_dir=tmp_path)
-    with pytest.raises(ConfigError, match=r"meta_batch must be >= 1"):
+    with pytest.raises(ConfigError, match=r"meta_batch=0: expected >= 1"):
         train(compose_config(["meta_batch=0"]), run_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"model=mlp .* task=markov needs model=transformer"):
         train(compose_config(["task=markov"]), run_dir=tmp_path)
@@ -91,3 +91,49 @@ def test_attention_choice_without_attention_is_announced(tmp_path) -> None:
     with pytest.warns(RuntimeWarning, match=r"attn=reference has no effect with model=mlp"):
         train(compose_config(["debug=fast", "attn=reference", "steps=1", "sanity_every=0",
                               "logger=none"]), run_dir=tmp_path)  # fmt: skip
+
+
+# Issue 17: values that used to fail late (after work began), name the wrong key, or pass.
+BAD_VALUES = [
+    ("model=transformer", "task=markov", "model.dim=0", r"model\.dim=0: expected >= 1"),
+    ("model=transformer", "task=markov", "attn.block_size=0", r"attn\.block_size=0: expected >= 1"),
+    ("model=transformer", "task=markov", "model.mlp_ratio=-1",
+     r"model\.mlp_ratio=-1\.0: expected a finite number > 0"),
+    ("model=transformer", "task=markov", "model.heads=3",
+     r"model\.dim=32 must be a multiple of model\.heads=3"),
+    ("optim=sgd", "optim.lr=1e39", None, r"optim\.lr=1e\+39: expected a step size below 3\.4"),
+    ("optim.lr=inf", None, None, r"optim\.lr=inf: expected a finite number > 0"),
+    ("algo.inner_steps=-2", None, None, r"^algo\.inner_steps=-2: expected >= 1"),
+    ("algo.inner_lr=nan", None, None, r"algo\.inner_lr=nan: expected a finite number > 0"),
+    ("optim.grad_clip=-1", None, None, r"optim\.grad_clip=-1\.0: expected a finite number >= 0"),
+    ("optim.warmup_steps=-3", None, None, r"optim\.warmup_steps=-3: expected >= 0"),
+    ("model.hidden=[0]", None, None, r"model\.hidden=\[0\]: expected a list of widths"),
+    ("optim.betas=[0.9]", None, None, r"optim\.betas=\[0\.9\]: expected 2 numbers in \[0, 1\)"),
+    ("optim.momentum=-0.5", None, None, r"optim\.momentum=-0\.5: expected a number in"),
+    ("seed=-1", None, None, r"seed=-1: expected an integer in \[0, 2\*\*32\)"),
+    ("algo=imaml", "algo.lam=0", None, r"algo\.lam=0\.0: expected a finite number > 0"),
+    ("device=cuda:x", None, None, r"device='cuda:x': expected auto, cpu, cuda or cuda:N"),
+    ("name=../up", None, None, r"name='\.\./up': expected a non-empty relative folder"),
+    ("task=glyphs", "model=transformer", "model.patch_size=5",
+     r"model\.patch_size=5 must divide task\.image_size=28"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "overrides", BAD_VALUES, ids=[" ".join(filter(None, b[:3])) for b in BAD_VALUES]
+)
+def test_bad_value_fails_before_work_naming_key_value_and_expectation(overrides, tmp_path) -> None:
+    *args, match = overrides
+    with pytest.raises(ConfigError, match=match):
+        train(compose_config([a for a in args if a]), run_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing written: refused before any work
+
+
+@pytest.mark.parametrize("override", ["+algo.inner_lrr=0.5", "+lrr=1", "+model.extra=1"])
+def test_appended_unknown_key_is_refused(override) -> None:
+    """`+key=value` (the form Hydra's own error suggests for a typo) adds a key with struct
+    mode off; the schema merge alone keeps it, silently ignored. It must be refused."""
+    key = override[1:].split("=")[0]
+    cfg = compose_config([override])
+    with pytest.raises(ConfigError, match=rf"unknown config keys \['{key}'\]"):
+        check_config(cfg)

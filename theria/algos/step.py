@@ -50,10 +50,15 @@ Algorithm = Callable[[nn.Module, Params, Episode], MetaStepResult]
 
 class NonFiniteStepError(RuntimeError):
     """A meta-step's loss or meta-gradient was NaN/inf. `step` is its 1-based index, `what`
-    says which ("meta-loss", or "meta-gradient of [names]" where known)."""
+    says which ("meta-loss", or "meta-gradient of [names]" where known); `stats` holds that
+    step's metrics where known (e.g. support_loss_pre, the support loss before adaptation, which
+    tells an inner-loop divergence from an outer one)."""
 
-    def __init__(self, step: int, what: str, applied: bool) -> None:
+    def __init__(
+        self, step: int, what: str, applied: bool, stats: dict[str, float] | None = None
+    ) -> None:
         self.step, self.what, self.applied = step, what, applied
+        self.stats = stats or {}  # that step's metrics, where known (support_loss_pre, ...)
         when = "its update was applied (graph mode)" if applied else "stopped before its update"
         super().__init__(f"non-finite {what} at step {step}: {when}")
 
@@ -141,13 +146,17 @@ class MetaStep:
                        if n != n or n in (float("inf"), float("-inf"))]  # fmt: skip
                 what = (f"meta-loss {float(result.loss)}" if not bool(loss_ok)
                         else f"meta-gradient of {bad[:3]}")  # fmt: skip
-                raise NonFiniteStepError(self.steps_done + 1, what, applied=False)
+                stats = {k: float(v) for k, v in result.stats.items()}
+                raise NonFiniteStepError(self.steps_done + 1, what, applied=False, stats=stats)
         else:  # graph: remember the first non-finite step on the device
             counter += 1
             assert self._bad is not None
             first = (self._bad[0] == 0) & ~(loss_ok & grads_ok)
             now = torch.stack([counter[0], loss_ok.long(), grads_ok.long()])
             self._bad.copy_(torch.where(first, now, self._bad))
+            pre = result.stats.get("support_loss_pre")
+            if pre is not None:  # that step's support loss at θ: inner vs outer divergence
+                self._bad_pre.copy_(torch.where(first, pre.double(), self._bad_pre))
         for p, g in zip(self.params.values(), grads, strict=True):
             p.grad = g.to(p.dtype)
         if self.grad_clip > 0:
@@ -174,6 +183,7 @@ class MetaStep:
             return out
         if self._bad is None:
             self._bad = torch.zeros(3, dtype=torch.long, device=self.device)
+            self._bad_pre = torch.zeros((), dtype=torch.float64, device=self.device)
             self._counter = torch.zeros(1, dtype=torch.long, device=self.device)
         self._counter.fill_(self.steps_done)
         if self._seen.get(key, 0) < self.warmup:  # eager, on a side stream, as for capture
@@ -215,4 +225,6 @@ class MetaStep:
             return
         step, loss_ok, _ = (int(x) for x in self._bad.tolist())
         if step:
-            raise NonFiniteStepError(step, "meta-gradient" if loss_ok else "meta-loss", True)
+            what = "meta-gradient" if loss_ok else "meta-loss"
+            stats = {"support_loss_pre": float(self._bad_pre)}
+            raise NonFiniteStepError(step, what, True, stats)

@@ -161,11 +161,7 @@ def sdpa(
     elif chosen == "torch":
         out = attention(c.q, c.k, c.v, c.mask, c.problem, blockwise)
     else:
-        if not (query.is_cuda or _interpreting()):
-            raise ValueError(
-                "theria.sdpa: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run "
-                f"the kernels on the CPU); got query on {query.device}"
-            )
+        _check_triton_device(query)
         if backend == "triton":  # auto never picks the slow case
             slow = _slow_triton(query.dtype, head, query.is_cuda)
             if slow is not None:
@@ -176,6 +172,29 @@ def sdpa(
         with torch.cuda.device(query.device) if other_gpu else contextlib.nullcontext():
             out = attention(c.q, c.k, c.v, c.mask, c.problem, _triton_impl())
     return c.restore(out)
+
+
+def _check_triton_device(query: Tensor) -> None:
+    """backend='triton' runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 in
+    float32/float64: the interpreter's tl.dot is wrong in 16-bit (bfloat16 results off by
+    ~1e9, triton-lang/triton#11584), so 16-bit inputs are refused there rather than returned
+    wrong. Meta tensors (and any other device) have no kernel."""
+    if query.is_cuda:
+        return
+    if query.device.type != "cpu" or not _interpreting():
+        raise ValueError(
+            "theria.sdpa: backend='triton' needs CUDA tensors (or CPU tensors with "
+            f"TRITON_INTERPRET=1 to run the kernels in Triton's interpreter); got query of "
+            f"shape {tuple(query.shape)}, dtype {query.dtype} on {query.device}. "
+            "backend='torch' or 'auto' takes any device (meta tensors included)"
+        )
+    if query.dtype in (torch.float16, torch.bfloat16):
+        raise TypeError(
+            f"theria.sdpa: backend='triton' under TRITON_INTERPRET=1 takes float32 or float64; "
+            f"got {query.dtype} (the interpreter's 16-bit tl.dot returns wrong values, "
+            "triton-lang/triton#11584). Use float32 there, or backend='torch' for 16-bit on the "
+            "CPU (it computes in float32)"
+        )
 
 
 def _has_forward_tangent(t: Tensor) -> bool:

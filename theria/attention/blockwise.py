@@ -17,11 +17,23 @@ A tangent given as None is zero and its matmuls are skipped. Everything is out-o
 ops, so `torch.func.vmap` can batch it and autograd can differentiate it (the `Function`s in
 `function.py` use that for third and higher orders). Fully masked rows give O = 0, lse = -inf
 and zero derivatives.
+
+Precision. The row logsumexp is kept in float64 whatever the inputs' dtype (O(L) bytes). Every
+backward pass recomputes P = exp(S − lse); with lse rounded to the inputs' precision, the rows
+of that P sum to 1 only within |lse|·ε, and the second-order formulas (Ṡ − μ, dP − δ) amplify
+that by the logits' size: at |S| ≈ 100 in float32 the double backward w.r.t. V had 11× the
+error of PyTorch's math path. Here lse = hi + lo (two numbers of the inputs' dtype) and
+P = exp((S − hi) − lo): S − hi is exact where P matters (S and hi within a factor 2, Sterbenz),
+so P's rows sum to 1 within a few ε at any logit size (docs/CONTRACT.md, "Accuracy").
+16-bit inputs (float16, bfloat16) are computed in float32 and the results rounded back, as
+PyTorch's math path does on the CPU: a 16-bit score overflows at |S| > 65504 (float16).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -30,6 +42,32 @@ from theria.attention.contract import Problem, mask_scores
 
 # `backward_jvp` accepts the tangents of out and lse (o_dot, mu) to skip its first pass.
 REUSES_TANGENT_STATS = True
+# dtype of lse and μ (the tangent of lse) from these primitives, for every input dtype
+STAT_DTYPE = torch.float64
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _in_float32(n_stats: int) -> Callable:
+    """Runs a primitive on 16-bit inputs in float32: every 16-bit tensor argument is upcast,
+    every result but the last `n_stats` (row statistics, kept in STAT_DTYPE) is rounded back to
+    the query's dtype. Other dtypes pass through untouched."""
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(q: Tensor, *args: Any, **kwargs: Any) -> Any:
+            if q.dtype not in _LOW:
+                return fn(q, *args, **kwargs)
+
+            def up(t: Any) -> Any:
+                return t.float() if isinstance(t, Tensor) and t.dtype in _LOW else t
+
+            out = fn(up(q), *map(up, args), **{k: up(t) for k, t in kwargs.items()})
+            n = len(out) - n_stats
+            return tuple(t.to(q.dtype) if i < n and t is not None else t for i, t in enumerate(out))
+
+        return run
+
+    return wrap
 
 
 def _blocks(S: int, block: int) -> Iterator[tuple[int, int]]:
@@ -51,11 +89,19 @@ def _scores(qs: Tensor, kb: Tensor, mask: Tensor | None, j0: int, problem: Probl
     return mask_scores(s, mask, j0, problem)
 
 
-def _safe(lse: Tensor, like: Tensor) -> Tensor:
-    """lse with -inf (rows with no key) replaced by 0, so exp(s - lse) is 0 there, not NaN; in
-    the dtype of `like` (a kernel keeps lse in float32 for 16-bit inputs, and this code may run
-    on its statistics when a step falls back to it)."""
-    return torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).to(like.dtype)
+Split = tuple[Tensor, Tensor | None]
+
+
+def _safe(lse: Tensor, like: Tensor) -> Split:
+    """lse as hi + lo in the dtype of `like` (lo is None when lse is no more precise than that
+    dtype: float64 inputs, or a kernel's float32 lse, which this code may receive when a step
+    falls back to it), with -inf (rows with no key) replaced by 0, so exp(s - lse) is 0 there,
+    not NaN. Both (*B, L, 1)."""
+    lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).unsqueeze(-1)
+    hi = lse.to(like.dtype)
+    if torch.finfo(lse.dtype).eps >= torch.finfo(like.dtype).eps:
+        return hi, None
+    return hi, (lse - hi.to(lse.dtype)).to(like.dtype)
 
 
 def _mm(a: Tensor, bt: Tensor, add: Tensor | None = None) -> Tensor:
@@ -73,14 +119,18 @@ def _mm(a: Tensor, bt: Tensor, add: Tensor | None = None) -> Tensor:
 
 
 def _probs(
-    qs: Tensor, kb: Tensor, mask: Tensor | None, j0: int, problem: Problem, lse0: Tensor
+    qs: Tensor, kb: Tensor, mask: Tensor | None, j0: int, problem: Problem, lse0: Split
 ) -> Tensor:
-    """P for one key block, from the saved row logsumexp: exp(s - lse). The mask is applied
-    after the subtraction (-inf stays -inf; an additive mask commutes with it)."""
-    s = mask_scores(_mm(qs, kb.transpose(-2, -1), -lse0.unsqueeze(-1)), mask, j0, problem)
-    if torch.is_grad_enabled():  # recorded by autograd (higher orders): out of place
-        return torch.exp(s)
-    return s.exp_()  # s is a fresh temporary
+    """P for one key block, from the saved row logsumexp: exp((s - hi) - lo) (see the module
+    docstring for why in two steps). The mask is applied after the subtraction (-inf stays
+    -inf; an additive mask commutes with it)."""
+    hi, lo = lse0
+    s = _mm(qs, kb.transpose(-2, -1), -hi)  # (*B, L, E) @ (*B', E, b) - (*B, L, 1)
+    recorded = torch.is_grad_enabled()  # by autograd (higher orders): out of place
+    if lo is not None:
+        s = s - lo if recorded else s.sub_(lo)  # s is a fresh temporary
+    s = mask_scores(s, mask, j0, problem)
+    return torch.exp(s) if recorded else s.exp_()
 
 
 def _score_tangent(qs: Tensor, kb: Tensor, tqs: Tensor | None, tkb: Tensor | None) -> Tensor | None:
@@ -105,6 +155,7 @@ def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return a if b is None else a + b
 
 
+@_in_float32(n_stats=1)
 def forward(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, problem: Problem
 ) -> tuple[Tensor, Tensor]:
@@ -118,7 +169,7 @@ def forward(
         # carries no gradient (this keeps the differentiable use of this function clean).
         m_blk = s.detach().amax(dim=-1)
         m_new = m_blk if m is None else torch.maximum(m, m_blk)
-        m0 = _safe(m_new, m_new)
+        m0 = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)
         p = torch.exp(s - m0.unsqueeze(-1))
         pv = torch.matmul(p, _rows(v, j0, j1))  # (*B, L, b) @ (*B', b, Ev) -> (*B, L, Ev)
         if m is None:
@@ -131,10 +182,13 @@ def forward(
     empty = l == 0  # rows whose every key is masked
     l1 = torch.where(empty, torch.ones_like(l), l)
     out = acc / l1.unsqueeze(-1)
-    lse = torch.where(empty, torch.full_like(l, float("-inf")), m0 + torch.log(l1))
+    # m0 + log(l) in float64: m0 is exact, log(l) is small, so lse keeps ~ε absolute accuracy
+    m0, l1 = m0.to(STAT_DTYPE), l1.to(STAT_DTYPE)
+    lse = torch.where(empty, torch.full_like(l1, float("-inf")), m0 + torch.log(l1))
     return out, lse
 
 
+@_in_float32(n_stats=1)
 def forward_jvp(
     q: Tensor,
     k: Tensor,
@@ -168,9 +222,10 @@ def forward_jvp(
         o_dot = _add(a - mu.unsqueeze(-1) * out, o_dot)
     if o_dot is None:
         o_dot = torch.zeros_like(out)
-    return o_dot, mu
+    return o_dot, None if mu is None else mu.to(lse.dtype)  # the tangent of lse: its dtype
 
 
+@_in_float32(n_stats=0)
 def backward(
     q: Tensor,
     k: Tensor,
@@ -202,6 +257,7 @@ def backward(
     return dq, dk, dv
 
 
+@_in_float32(n_stats=0)
 def lse_backward(
     q: Tensor, k: Tensor, mask: Tensor | None, problem: Problem, lse: Tensor, d_lse: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -222,6 +278,7 @@ def lse_backward(
     return dq, dk
 
 
+@_in_float32(n_stats=0)
 def backward_jvp(
     q: Tensor,
     k: Tensor,
@@ -253,7 +310,7 @@ def backward_jvp(
     """
     if o_dot is None or mu is None:
         o_dot, mu = forward_jvp(q, k, v, mask, problem, out, lse, tq, tk, tv)
-    elif mu.dtype != q.dtype:  # a kernel's float32 statistic for 16-bit inputs
+    if mu is not None and mu.dtype != q.dtype:  # a float64 (or a kernel's float32) statistic
         mu = mu.to(q.dtype)
     lse0 = _safe(lse, q)
     qs, tqs = q * problem.scale, _scaled(tq, problem.scale)

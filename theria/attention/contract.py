@@ -14,6 +14,8 @@ back to (..., Hq, L, Ev). The rules are written down in docs/CONTRACT.md.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,6 +45,43 @@ class Canonical:
 
 def _shape(t: Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def _flag(name: str, value: object) -> bool:
+    """A bool argument. Anything else (a string such as "False" is truthy) is refused, as
+    PyTorch's argument parser refuses it."""
+    if not isinstance(value, bool):
+        raise TypeError(
+            f"theria.sdpa: {name} must be a bool (True or False); got {value!r} "
+            f"of type {type(value).__name__}"
+        )
+    return value
+
+
+def _number(name: str, value: object, expected: str) -> float:
+    """A real number given as a Python or numpy scalar or a 0-d tensor (PyTorch takes all
+    three), as a float. Not a bool, a string, a complex number or a tensor with elements or a
+    graph (its gradient would be lost: the argument is a constant of the operator)."""
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(
+                f"theria.sdpa: {name} must be {expected}; got a tensor of {_shape(value)} "
+                "(only a 0-d real tensor is taken, as PyTorch takes it)"
+            )
+        if value.requires_grad:
+            raise TypeError(
+                f"theria.sdpa: {name} must be {expected}; got a 0-d tensor that requires grad "
+                "(the operator takes it as a constant, so its gradient would be lost; pass "
+                "float(t), or fold a learned scale into query)"
+            )
+        if value.is_meta:
+            raise TypeError(f"theria.sdpa: {name} must be {expected}; got a meta tensor (no value)")
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"theria.sdpa: {name} must be {expected}; got {value!r} of type {type(value).__name__}"
+        )
+    return float(value)
 
 
 def mask_scores(s: Tensor, mask: Tensor | None, j0: int, problem: Problem) -> Tensor:
@@ -107,6 +146,11 @@ def canonicalize(
             )
         if not t.is_floating_point():
             raise TypeError(f"theria.sdpa: {name} must be a floating-point tensor; got {_shape(t)}")
+        if t.layout != torch.strided or t.is_nested:
+            raise TypeError(
+                f"theria.sdpa: {name} must be a dense (strided) tensor; got layout {t.layout}"
+                f"{' (nested)' if t.is_nested else ''}, {_shape(t)}"
+            )
     for name, t in (("key", key), ("value", value)):
         if t.dtype != query.dtype:
             raise TypeError(
@@ -130,14 +174,32 @@ def canonicalize(
             "theria.sdpa: key and value must have the same batch dims: "
             f"key {tuple(key.shape)}, value {tuple(value.shape)}"
         )
+    is_causal = _flag("is_causal", is_causal)
+    enable_gqa = _flag("enable_gqa", enable_gqa)
+    dropout_p = _number("dropout_p", dropout_p, "a number in [0, 1)")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"theria.sdpa: dropout_p must be in [0, 1); got {dropout_p}")
-    if scale is not None and (
-        isinstance(scale, bool) or not (isinstance(scale, (int, float)) and math.isfinite(scale))
-    ):
-        raise TypeError(f"theria.sdpa: scale must be a finite float or None; got {scale!r}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"theria.sdpa: block_size must be a positive int; got {block_size!r}")
+    if scale is not None:
+        scale = _number("scale", scale, "a finite real number or None")
+        if not math.isfinite(scale):
+            raise ValueError(
+                f"theria.sdpa: scale must be a finite real number or None; got {scale}"
+            )
+        # every backend scales in float32 (float64 for float64 inputs): beyond it, inf scores
+        work = torch.float64 if query.dtype == torch.float64 else torch.float32
+        if abs(scale) > torch.finfo(work).max:
+            raise ValueError(
+                f"theria.sdpa: scale={scale:g} overflows {work} (the scores are scaled in it for "
+                f"{query.dtype} inputs); expected |scale| <= {torch.finfo(work).max:.3g}"
+            )
+    if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral):
+        raise TypeError(
+            f"theria.sdpa: block_size must be a positive int; got {block_size!r} of type "
+            f"{type(block_size).__name__}"
+        )
+    block_size = operator.index(block_size)
+    if block_size < 1:
+        raise ValueError(f"theria.sdpa: block_size must be a positive int; got {block_size}")
     if is_causal and attn_mask is not None:
         raise ValueError(
             "theria.sdpa: pass either attn_mask or is_causal=True, not both "
@@ -192,6 +254,11 @@ def canonicalize(
             raise TypeError(
                 f"theria.sdpa: attn_mask must be a Tensor or None, got {type(mask).__name__}"
             )
+        if mask.layout != torch.strided or mask.is_nested:
+            raise TypeError(
+                f"theria.sdpa: attn_mask must be a dense (strided) tensor; got layout "
+                f"{mask.layout}, {_shape(mask)}"
+            )
         if mask.dtype != torch.bool and mask.dtype != query.dtype:
             raise TypeError(
                 f"theria.sdpa: attn_mask must be bool (True = attend) or have the query's dtype "
@@ -214,9 +281,9 @@ def canonicalize(
             mask = mask.expand(*mask.shape[:-1], S)
 
     problem = Problem(
-        scale=float(scale) if scale is not None else 1.0 / math.sqrt(E),
-        is_causal=bool(is_causal),
-        dropout_p=float(dropout_p),
+        scale=scale if scale is not None else 1.0 / math.sqrt(E),
+        is_causal=is_causal,
+        dropout_p=dropout_p,
         block_size=block_size,
     )
     return Canonical(q, k, v, mask, problem, restore)

@@ -5,7 +5,9 @@ oracle the other backends are tested against. It materializes the (..., L, S) sc
 O(L·S) memory, for tests and small problems.
 
 Rows whose every key is masked give a zero output and zero gradients (PyTorch's math path
-does the same since 2.5 through its "safe softmax").
+does the same since 2.5 through its "safe softmax"). 16-bit inputs are computed in float32 and
+the output rounded back, as PyTorch's math path does on the CPU (a float16 score overflows at
+|S| > 65504); autograd casts the derivatives back through the same casts.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ def reference_attention(
 ) -> Tensor:
     """Attention on canonical inputs (see `contract.canonicalize`): q (*B, L, E), k (*B, S, E),
     v (*B, S, Ev), with batch dims that broadcast; returns (*B, L, Ev)."""
+    if q.dtype in (torch.float16, torch.bfloat16):
+        m = mask.float() if mask is not None and mask.is_floating_point() else mask
+        return reference_attention(q.float(), k.float(), v.float(), m, problem).to(q.dtype)
     s = (
         torch.matmul(q, k.transpose(-2, -1)) * problem.scale
     )  # (*B, L, E) @ (*B, E, S) -> (*B, L, S)

@@ -200,6 +200,13 @@ def _unsupported(q: Tensor, k: Tensor, v: Tensor) -> str | None:
     return None
 
 
+def _kernel_stat(t: Tensor | None, q: Tensor) -> Tensor | None:
+    """A row statistic (lse, μ) in the dtype the kernels keep it: one from the blockwise code
+    (float64, when an earlier step fell back to it) is rounded to it."""
+    want = _stat_dtype(q.dtype)
+    return t if t is None or t.dtype == want else t.to(want)
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -489,6 +496,7 @@ def forward_jvp(
         warn_once(f"triton:unsupported:{why}", f"theria.sdpa(backend='triton'): {why}")
         return blockwise.forward_jvp(q, k, v, mask, problem, out, lse, tq, tk, tv)
     _check(q, k, v)
+    lse_dtype, lse = lse.dtype, _kernel_stat(lse, q)
     L, S, Ev = q.shape[-2], k.shape[-2], v.shape[-1]
     mask_t, mask_kind = _mask_arg(mask, q, L, S)
     mshape = mask.shape[:-2] if mask is not None else ()
@@ -516,7 +524,7 @@ def forward_jvp(
     consts = _consts(q, v, mask_kind, problem, L, S)
     consts.update(HAS_TQ=tq is not None, HAS_TK=tk is not None, HAS_TV=tv is not None)
     _launch(K.attn_fwd_jvp_tuned, K.attn_fwd_jvp_plain, L, lay.size, args, consts)
-    return o_dot, mu
+    return o_dot, None if mu is None else mu.to(lse_dtype)  # the tangent of lse: its dtype
 
 
 # --------------------------------------------------------------------------- backward
@@ -538,6 +546,7 @@ def backward(
     if (why := _unsupported(q, k, v)) is not None:
         warn_once(f"triton:unsupported:{why}", f"theria.sdpa(backend='triton'): {why}")
         return blockwise.backward(q, k, v, mask, problem, out, lse, do)
+    lse = _kernel_stat(lse, q)
     key = _plan_key("bwd", problem, q, k, v, mask, out, lse, do)
     plan = _PLANS.get(key) if key is not None else None
     if plan is not None:
@@ -621,6 +630,7 @@ def backward_jvp(
     kernel = _second_order()
     why = _unsupported(q, k, v)
     if kernel is not None and why is None:
+        lse, mu = _kernel_stat(lse, q), _kernel_stat(mu, q)
         stats = {}
         if getattr(kernel, "REUSES_TANGENT_STATS", False) or getattr(
             _second_order_module(), "REUSES_TANGENT_STATS", False
@@ -636,19 +646,7 @@ def backward_jvp(
             "(backward_jvp) in this install; using the torch backend's blockwise "
             "implementation on the same device for it (exact, slower).",
         )
-    # The forward keeps lse (and μ) in float32 for 16-bit inputs; run the blockwise formulas in
-    # float32 then (rounding lse to 16 bits would cost P its accuracy) and cast back.
-    dtype = q.dtype
-    if lse.dtype != dtype:
-        up = [
-            None if t is None else t.to(lse.dtype)
-            for t in (q, k, v, out, do, tq, tk, tv, tdo, o_dot)
-        ]
-        q32, k32, v32, out32, do32, tq32, tk32, tv32, tdo32, od32 = up
-        m32 = mask if mask is None or mask.dtype == torch.bool else mask.to(lse.dtype)
-        res = blockwise.backward_jvp(q32, k32, v32, m32, problem, out32, lse, do32, tq32, tk32,
-                                     tv32, tdo32, o_dot=od32, mu=mu)  # fmt: skip
-        return tuple(None if t is None else t.to(dtype) for t in res)  # type: ignore[return-value]
+    # blockwise takes any implementation's statistics and runs 16-bit inputs in float32
     return blockwise.backward_jvp(q, k, v, mask, problem, out, lse, do, tq, tk, tv, tdo,
                                   o_dot=o_dot, mu=mu)  # fmt: skip
 

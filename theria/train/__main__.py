@@ -12,8 +12,10 @@ from theria.distributed import print0
 from theria.train import CONF_DIR
 from theria.train.build import ConfigError
 from theria.train.loop import NonFiniteLossError, train
+from theria.train.rundir import set_run_id
 
 register_configs()
+set_run_id()  # before Hydra resolves hydra.run.dir / hydra.sweep.dir (conf/config.yaml)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")

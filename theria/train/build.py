@@ -3,13 +3,18 @@ optimizer and schedule. Every error names the config key, the value and the choi
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from theria.algos import FOMAML, IMAML, MAML
@@ -37,9 +42,126 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{key}={value!r} is not one of {list(choices)}")
 
 
+def _unknown_keys(node: Any, schema: type, prefix: str = "") -> list[str]:
+    """Keys of the (unresolved) config container `node` that the dataclass `schema` lacks, as
+    full keys. Hydra's `+key=value` appends a key with struct mode off, and a merge onto the
+    structured config keeps a key that a node of the same schema type already holds, so the
+    schema alone does not refuse `+algo.inner_lrr=0.5`: this walk does."""
+    hints = typing.get_type_hints(schema)
+    fields = {f.name for f in dataclasses.fields(schema)}
+    bad = []
+    for key, value in node.items():
+        if key not in fields:
+            bad.append(f"{prefix}{key}")
+        elif dataclasses.is_dataclass(hints.get(key)) and isinstance(value, dict):
+            bad += _unknown_keys(value, hints[key], f"{prefix}{key}.")
+    return bad
+
+
+Check = tuple[str, Callable[[Any], bool], str]
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _int_at_least(n: int) -> Callable[[Any], bool]:
+    return lambda x: x >= n
+
+
+# One row per value the types cannot constrain: (key, test, what is expected). Checked in this
+# order, before anything is built, so an interpolated key (algo.eval_inner_steps defaults to
+# ${.inner_steps}) is reported after the key it comes from.
+VALUE_CHECKS: tuple[Check, ...] = (
+    ("seed", lambda x: 0 <= x < 2**32, "an integer in [0, 2**32) (numpy's seed range)"),
+    *((k, _int_at_least(1), ">= 1") for k in
+      ("steps", "meta_batch", "val_tasks", "test_tasks", "logger.log_every")),
+    *((k, _int_at_least(0), ">= 0") for k in
+      ("eval_every", "sanity_every", "checkpoint_every", "threads")),
+    ("algo.inner_steps", _int_at_least(1), ">= 1 (inner gradient steps on the support set)"),
+    ("algo.eval_inner_steps", _int_at_least(0), ">= 0"),
+    ("algo.inner_lr", lambda x: _finite(x) and x > 0, "a finite number > 0"),
+    ("algo.lam", lambda x: _finite(x) and x > 0, "a finite number > 0"),
+    ("algo.cg_iters", _int_at_least(1), ">= 1"),
+    ("algo.cg_damping", lambda x: _finite(x) and x >= 0, "a finite number >= 0"),
+    ("attn.block_size", _int_at_least(1), ">= 1 (keys per block)"),
+    ("task.k_shot", _int_at_least(1), ">= 1"),
+    ("task.k_query", _int_at_least(1), ">= 1"),
+    ("task.vocab_size", _int_at_least(2), ">= 2"),
+    ("task.seq_len", _int_at_least(2), ">= 2 (a next-token task needs two tokens)"),
+    ("task.logit_scale", _finite, "a finite number"),
+    ("task.n_way", _int_at_least(2), ">= 2"),
+    ("task.image_size", _int_at_least(1), ">= 1"),
+    ("task.n_classes", _int_at_least(1), ">= 1"),
+    ("task.n_instances", _int_at_least(1), ">= 1"),
+    ("task.max_shift", _int_at_least(0), ">= 0"),
+    ("model.hidden", lambda x: all(w >= 1 for w in x), "a list of widths, each >= 1"),
+    ("model.dim", _int_at_least(1), ">= 1"),
+    ("model.depth", _int_at_least(1), ">= 1"),
+    ("model.heads", _int_at_least(1), ">= 1"),
+    ("model.mlp_ratio", lambda x: _finite(x) and x > 0, "a finite number > 0"),
+    ("model.patch_size", _int_at_least(1), ">= 1"),
+    ("optim.lr", lambda x: _finite(x) and x > 0, "a finite number > 0"),
+    ("optim.weight_decay", lambda x: _finite(x) and x >= 0, "a finite number >= 0"),
+    ("optim.momentum", lambda x: _finite(x) and 0 <= x < 1, "a number in [0, 1)"),
+    ("optim.betas", lambda x: len(x) == 2 and all(_finite(b) and 0 <= b < 1 for b in x),
+     "2 numbers in [0, 1)"),
+    ("optim.warmup_steps", _int_at_least(0), ">= 0"),
+    ("optim.grad_clip", lambda x: _finite(x) and x >= 0, "a finite number >= 0 (0 disables)"),
+    ("dist.timeout_s", lambda x: _finite(x) and x > 0, "a finite number > 0 (seconds)"),
+)  # fmt: skip
+
+
+def _check_values(typed: DictConfig) -> None:
+    for key, ok, expected in VALUE_CHECKS:
+        try:
+            value = OmegaConf.select(typed, key, throw_on_missing=True)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{key}: {e}") from e
+        if isinstance(value, ListConfig):
+            value = list(value)
+        if not ok(value):
+            raise ConfigError(f"{key}={value!r}: expected {expected}")
+    m, t = typed.model, typed.task
+    if m.name == "transformer":
+        if m.dim % m.heads:
+            raise ConfigError(
+                f"model.dim={m.dim} must be a multiple of model.heads={m.heads} (the head width)"
+            )
+        if t.name in ("glyphs", "omniglot") and t.image_size % m.patch_size:
+            raise ConfigError(
+                f"model.patch_size={m.patch_size} must divide task.image_size={t.image_size}"
+            )
+    # A step size beyond the dtype's range makes the first update inf (SGD: p - lr·g): refuse
+    # it here rather than at step 1 with a non-finite error.
+    # Adam's first step is lr / (1 - beta1) (bias correction), which torch converts to the
+    # parameters' dtype: beyond its range the step raises a raw "cannot be converted" error.
+    big = torch.finfo(DTYPES[typed.dtype]).max
+    o = typed.optim
+    first = o.lr / (1.0 - o.betas[0]) if o.name in ("adam", "adamw") else o.lr
+    if first > big:
+        how = f" (Adam's first step lr/(1 - betas[0]) = {first:.3g})" if first != o.lr else ""
+        raise ConfigError(
+            f"optim.lr={o.lr!r}: expected a step size below {big:.3g}, the largest "
+            f"{typed.dtype}{how}"
+        )
+    if typed.algo.inner_lr > big:
+        raise ConfigError(
+            f"algo.inner_lr={typed.algo.inner_lr!r}: expected a step size below {big:.3g}, the "
+            f"largest {typed.dtype}"
+        )
+
+
 def check_config(cfg: DictConfig) -> DictConfig:
     """The config merged onto the typed schema (unknown keys and wrong types raise, naming the
-    key), then checked for values the types cannot express. Returns the typed config."""
+    key), then checked for values the types cannot express (`VALUE_CHECKS`, naming the key,
+    the value and what is expected). Returns the typed config."""
+    unknown = _unknown_keys(OmegaConf.to_container(cfg, resolve=False), TrainConfig)
+    if unknown:
+        raise ConfigError(
+            f"unknown config keys {unknown} (not in the schema, theria/config.py): a typo? "
+            "`+key=value` adds a key the app would ignore"
+        )
     try:
         typed = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
         missing = sorted(OmegaConf.missing_keys(typed))
@@ -61,26 +183,8 @@ def check_config(cfg: DictConfig) -> DictConfig:
     _choice("graph", typed.graph, GRAPH_MODES)
     _choice("dist.name", typed.dist.name, ("none", "ddp"))
     _choice("dist.backend", typed.dist.backend, ("auto", "nccl", "gloo"))
-    if not typed.dist.timeout_s > 0:
-        raise ConfigError(f"dist.timeout_s must be > 0; got {typed.dist.timeout_s}")
-    for key in ("steps", "meta_batch", "val_tasks", "test_tasks", "logger.log_every"):
-        if OmegaConf.select(typed, key) < 1:
-            raise ConfigError(f"{key} must be >= 1; got {OmegaConf.select(typed, key)}")
-    for key in (
-        "eval_every",
-        "sanity_every",
-        "checkpoint_every",
-        "threads",
-        "algo.eval_inner_steps",
-    ):
-        if OmegaConf.select(typed, key) < 0:
-            raise ConfigError(f"{key} must be >= 0; got {OmegaConf.select(typed, key)}")
-    if typed.model.name == "hf":
-        _check_hf(typed)
-    if not typed.optim.lr > 0:
-        raise ConfigError(f"optim.lr must be > 0; got {typed.optim.lr}")
     device = typed.device
-    if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
+    if not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device)):
         raise ConfigError(f"device={device!r}: expected auto, cpu, cuda or cuda:N")
     if typed.graph == "on":
         if device == "cpu" or not torch.cuda.is_available():
@@ -90,6 +194,14 @@ def check_config(cfg: DictConfig) -> DictConfig:
             )
         if typed.dist.name == "ddp":
             raise ConfigError("graph=on with dist=ddp: the all-reduce runs eagerly; use graph=auto")
+    if not typed.name.strip() or ".." in Path(typed.name).parts or Path(typed.name).is_absolute():
+        raise ConfigError(
+            f"name={typed.name!r}: expected a non-empty relative folder name (it names "
+            "outputs/<name>/...), without '..'"
+        )
+    _check_values(typed)
+    if typed.model.name == "hf":
+        _check_hf(typed)
     return typed
 
 

@@ -1,4 +1,9 @@
-"""Atomic checkpoints and the random-number state that makes a resumed run continue exactly."""
+"""Atomic checkpoints and the random-number state that makes a resumed run continue exactly.
+
+A checkpoint holds only finite parameters and optimizer state (`faults.check_state`), so "the
+last checkpoint" is always one a run can continue from. A write interrupted by a kill leaves a
+`.last.pt.tmp-<pid>` next to it; the next save or load in that folder removes it.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from theria.train.faults import check_state
 
 CHECKPOINT = Path("checkpoints") / "last.pt"  # relative to a run directory
 
@@ -30,11 +37,37 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Removes the `.<name>.tmp-<pid>` files next to `path` that a killed writer left (its pid
+    no longer runs, or it is this process's own from an earlier attempt); returns them."""
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or (int(pid) != os.getpid() and _alive(int(pid))):
+            continue  # another live process may be writing it
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Writes `state` to a temporary file next to `path`, flushes it to disk, then renames it
     over `path` (os.replace is atomic on POSIX): a crash leaves the old checkpoint or the new
-    one, never a torn file."""
+    one, never a torn file. A state with non-finite parameters or optimizer state is refused
+    (NonFiniteLossError) and the old checkpoint kept."""
+    check_state(state)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         torch.save(state, f)
@@ -46,6 +79,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint written by `save_checkpoint` (it holds numpy/Python RNG states, hence
     weights_only=False: load only checkpoints you wrote)."""
+    remove_stale_temporaries(path)
     return torch.load(path, map_location="cpu", weights_only=False)
 
 

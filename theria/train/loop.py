@@ -26,7 +26,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +62,8 @@ from theria.train.checkpoint import (
     set_rng_state,
 )
 from theria.train.evaluate import evaluate
+from theria.train.faults import NonFiniteLossError, cause, check_params
+from theria.train.rundir import claim, default_run_dir
 
 RESULTS = "results.json"
 TB_DIR = "tb"
@@ -78,10 +79,6 @@ RESUMABLE_CHANGES = ("resume", "name", "device", "threads", "steps", "eval_every
 ReduceGrads = Callable[[Params], Params]
 
 
-class NonFiniteLossError(RuntimeError):
-    """The meta-loss or meta-gradient became NaN/inf; the run stopped before applying it."""
-
-
 def _run_dir(cfg: DictConfig, run_dir: str | Path | None) -> Path:
     if run_dir is None:
         try:
@@ -89,9 +86,10 @@ def _run_dir(cfg: DictConfig, run_dir: str | Path | None) -> Path:
 
             run_dir = HydraConfig.get().runtime.output_dir
         except ValueError:  # not under @hydra.main: a fresh folder like Hydra's
-            run_dir = Path("outputs") / cfg.name / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+            run_dir = default_run_dir(cfg.name)
     path = Path(run_dir)
     path.mkdir(parents=True, exist_ok=True)
+    claim(path, cfg.resume)  # this run owns the folder, or it fails here, before any work
     return path
 
 
@@ -343,6 +341,8 @@ def _check_finite(r: Run, step_fn: MetaStep) -> None:
         step_fn.check()
     except NonFiniteStepError as e:
         raise _non_finite(r, e) from e
+    if step_fn.graphed:  # eager steps checked the parameters already
+        check_params(r.params, step_fn.steps_done, r.cfg.steps)
 
 
 def _non_finite(r: Run, e: NonFiniteStepError) -> NonFiniteLossError:
@@ -354,7 +354,7 @@ def _non_finite(r: Run, e: NonFiniteStepError) -> NonFiniteLossError:
     return NonFiniteLossError(
         f"non-finite {e.what} at step {e.step} of {r.cfg.steps}: "
         f"{'the run stopped at the next check' if e.applied else 'stopped before applying it'}"
-        f"; {where}. Lower optim.lr (or algo.inner_lr) or set optim.grad_clip."
+        f"; {where}. {cause(e.stats, first_step=e.step == 1)}."
     )
 
 
@@ -491,6 +491,8 @@ def train(
                 stats = step_fn(tasks)
             except NonFiniteStepError as e:
                 raise _non_finite(r, e) from e
+            if not step_fn.graphed:  # eager: the outer step left finite parameters (cheap here)
+                check_params(r.params, step, cfg.steps)
             r.optim.scheduler.step()
             is_log = step % cfg.logger.log_every == 0 or step == cfg.steps or step == r.start + 1
             is_ckpt = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (
