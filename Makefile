@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e '.[dev]' $(TORCH_PIN)
+	$(PY) -m pip install -q -e '.[dev,hf]' $(TORCH_PIN)
 	touch $(STAMP)
 
 # Default tier: fast tests (pytest exits non-zero, 5, if it collected nothing). On a machine

@@ -44,6 +44,7 @@ class AttnConfig:
     """conf/attn/: the attention path of transformer models (theria.models.ATTENTION_PATHS)."""
 
     name: str = MISSING  # theria | theria_torch | theria_triton | reference | sdpa | sdpa_math
+    # | eager (model=hf only: transformers' own attention)
     block_size: int = MISSING  # keys per block for the theria backends
 
 
@@ -68,16 +69,28 @@ class TaskConfig:
 
 
 @dataclass
+class HFConfig:
+    """model.hf: a Hugging Face causal LM (model=hf; theria/models/hf.py). Sizes are the
+    ModelConfig's dim, depth, heads, mlp_ratio; vocabulary and length come from the task."""
+
+    arch: str = "llama"  # llama | gpt2 | qwen2 | mistral: built from config (no download)
+    path: Any = None  # null | a local pretrained folder (offline; overrides arch and sizes)
+    kv_heads: int = 0  # key/value heads (GQA); 0: = heads
+    sliding_window: int = 0  # keys each query sees (qwen2, mistral); 0: all
+
+
+@dataclass
 class ModelConfig:
     """conf/model/: the network; input and output sizes come from the task."""
 
-    name: str = MISSING  # mlp | transformer
+    name: str = MISSING  # mlp | transformer | hf
     hidden: list[int] = field(default_factory=lambda: [40, 40])  # mlp
     dim: int = 64  # transformer: width D
     depth: int = 2  # transformer: blocks
     heads: int = 4  # transformer
     mlp_ratio: float = 4.0  # transformer
     patch_size: int = 7  # transformer on images
+    hf: HFConfig = field(default_factory=HFConfig)  # hf
 
 
 @dataclass

@@ -183,6 +183,53 @@ def _encoder_layer(device: torch.device, dtype: torch.dtype) -> tuple[AttnFn, At
     return encoder_layer, reference
 
 
+def _encoder_layer_override(device: torch.device, dtype: torch.dtype) -> tuple[AttnFn, AttnFn]:
+    """nn.TransformerEncoderLayer inside theria.override_sdpa(): its SDPA calls run theria."""
+    from theria.attention.override import override_sdpa
+
+    layer, reference = _encoder_layer(device, dtype)
+
+    def encoder_layer_theria(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        with override_sdpa():
+            return layer(q, k, v)
+
+    return encoder_layer_theria, reference
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+# transformers' attention functions as its models call them: fn(module, query (B, H, L, E),
+# key, value, attention_mask, dropout, scaling, is_causal) -> (out (B, L, H, E), weights).
+
+
+def _hf(implementation: str) -> Factory:
+    def make(device: torch.device, dtype: torch.dtype) -> tuple[AttnFn, None]:
+        try:
+            import transformers  # noqa: F401
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+            from transformers.models.llama.modeling_llama import eager_attention_forward
+        except ImportError as e:
+            raise Unavailable(
+                f"transformers does not import (pip install theria[hf]): {e}"
+            ) from None
+        if implementation == "theria":
+            import theria.hf  # noqa: F401 - registers "theria"
+        fn = eager_attention_forward if implementation == "eager" else (
+            ALL_ATTENTION_FUNCTIONS[implementation])  # fmt: skip
+        layer = nn.Module().eval()  # what the functions read from the attention layer
+        layer.is_causal = False
+        layer.num_key_value_groups = 1
+
+        def hf_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            scale = q.shape[-1] ** -0.5  # what the models pass (Llama eager needs it)
+            out, _ = fn(layer, q, k, v, None, dropout=0.0, scaling=scale, is_causal=False)
+            return out.transpose(1, 2)  # (B, L, H, E) -> (B, H, L, E)
+
+        return hf_attention, None
+
+    return make
+
+
 # ----------------------------------------------------------------------------- explicit, theria
 
 
@@ -239,6 +286,12 @@ def builtin_paths() -> list[Path]:
         Path("flex compiled", _flex(compiled=True), "torch.compile(flex_attention)"),
         Path("nn.MultiheadAttention", _mha, "need_weights=False, eval"),
         Path("nn.TransformerEncoderLayer", _encoder_layer, "src = q + k + v, eval, post-norm"),
+        Path("nn.TransformerEncoderLayer + override_sdpa", _encoder_layer_override,
+             "the same layer inside theria.override_sdpa()"),
+        Path("hf eager", _hf("eager"),
+             "transformers' Llama eager_attention_forward (softmax in float32)"),
+        Path("hf sdpa", _hf("sdpa"), "transformers' sdpa_attention_forward (F.sdpa, default)"),
+        Path("hf theria", _hf("theria"), "theria.hf: attn_implementation='theria'"),
         Path("explicit", _explicit, "softmax(q kᵀ/√E) v in torch ops"),
         Path("theria reference", _theria("reference"), "theria.sdpa(backend='reference')"),
         Path("theria torch", _theria("torch"), "theria.sdpa(backend='torch')"),

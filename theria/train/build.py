@@ -22,11 +22,12 @@ from theria.algos.common import BATCHINGS
 from theria.algos.step import GRAPH_MODES
 from theria.config import TrainConfig
 from theria.models import ATTENTION_PATHS, MLP, MLPConfig, Transformer, TransformerConfig
+from theria.models.hf import HF_ARCHS, HF_ATTENTION, SLIDING_ARCHS
 from theria.tasks import GlyphTasks, MarkovChainTasks, OmniglotTasks, SinusoidTasks, TaskSampler
 
 ALGOS = ("fomaml", "maml", "imaml")
 TASKS = ("sinusoid", "markov", "glyphs", "omniglot")
-MODELS = ("mlp", "transformer")
+MODELS = ("mlp", "transformer", "hf")
 OPTIMS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -169,7 +170,9 @@ def check_config(cfg: DictConfig) -> DictConfig:
     if missing:
         raise ConfigError(f"config keys without a value: {missing}")
     _choice("algo.name", typed.algo.name, ALGOS)
-    _choice("attn.name", typed.attn.name, ATTENTION_PATHS)
+    # attn=eager is transformers' own attention: model=hf (model=mlp ignores attn)
+    paths = ATTENTION_PATHS if typed.model.name == "transformer" else HF_ATTENTION
+    _choice("attn.name", typed.attn.name, paths)
     _choice("task.name", typed.task.name, TASKS)
     _choice("model.name", typed.model.name, MODELS)
     _choice("optim.name", typed.optim.name, OPTIMS)
@@ -197,7 +200,48 @@ def check_config(cfg: DictConfig) -> DictConfig:
             "outputs/<name>/...), without '..'"
         )
     _check_values(typed)
+    if typed.model.name == "hf":
+        _check_hf(typed)
     return typed
+
+
+def _check_hf(cfg: DictConfig) -> None:
+    """model=hf: what can fail is found before any work (no transformers import here)."""
+    h = cfg.model.hf
+    if cfg.algo.batching in ("batched", "vmap"):
+        raise ConfigError(
+            f"algo.batching={cfg.algo.batching} with model=hf: transformers models are not "
+            "run under torch.func.vmap over tasks (HFCausalLM.supports_task_vmap is False); "
+            "use algo.batching=auto or sequential"
+        )
+    if cfg.attn.name == "sdpa" and cfg.sanity_every > 0:
+        raise ConfigError(
+            f"sanity_every={cfg.sanity_every} with model=hf attn=sdpa: the HVP sanity checks "
+            "need double backward, which PyTorch's fused SDPA kernels lack; set sanity_every=0 "
+            "(and a first-order algorithm, algo=fomaml) or use attn=theria"
+        )
+    if h.path is not None:
+        if not isinstance(h.path, str) or not (Path(h.path) / "config.json").is_file():
+            raise ConfigError(
+                f"model.hf.path={h.path!r} is not a local pretrained model folder (a directory "
+                "holding config.json and the weights)"
+            )
+        return
+    _choice("model.hf.arch", h.arch, HF_ARCHS)
+    m = cfg.model
+    kv = h.kv_heads or m.heads
+    if h.kv_heads < 0 or m.dim % m.heads or m.heads % kv:
+        raise ConfigError(
+            f"model.dim={m.dim} must be a multiple of model.heads={m.heads}, and model.heads a "
+            f"multiple of model.hf.kv_heads={h.kv_heads} (0: = heads)"
+        )
+    if h.arch == "gpt2" and kv != m.heads:
+        raise ConfigError(f"model.hf.kv_heads={h.kv_heads}: model.hf.arch=gpt2 has no GQA")
+    if h.sliding_window < 0 or (h.sliding_window and h.arch not in SLIDING_ARCHS):
+        raise ConfigError(
+            f"model.hf.sliding_window={h.sliding_window}: must be >= 0, and > 0 only for "
+            f"model.hf.arch in {list(SLIDING_ARCHS)}"
+        )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -245,6 +289,34 @@ def build_model(cfg: DictConfig) -> nn.Module:
     """The network of `cfg.model`, its input/output sizes taken from `cfg.task`, initialized
     from torch's global RNG (seed it first), on the CPU in float32."""
     m, t = cfg.model, cfg.task
+    if m.name == "hf":
+        from theria.models.hf import HFCausalLM, HFModelConfig
+
+        if t.name != "markov":
+            raise ConfigError(
+                f"model=hf is a causal language model for token tasks (task=markov); got "
+                f"task={t.name}"
+            )
+        path = m.hf.path
+        hc = HFModelConfig(
+            arch=m.hf.arch,
+            path=None if path is None else str(path),
+            vocab_size=t.vocab_size,
+            max_len=t.seq_len,
+            dim=m.dim,
+            depth=m.depth,
+            heads=m.heads,
+            mlp_ratio=m.mlp_ratio,
+            kv_heads=m.hf.kv_heads,
+            sliding_window=m.hf.sliding_window,
+            attn=cfg.attn.name,
+            block_size=cfg.attn.block_size,
+        )
+        try:
+            return HFCausalLM(hc)
+        except ValueError as e:
+            key = "model.hf.path" if path is not None else "model.hf"
+            raise ConfigError(f"model=hf ({key}={path or m.hf.arch!r}): {e}") from e
     if m.name == "mlp":
         if t.name != "sinusoid":
             raise ConfigError(
