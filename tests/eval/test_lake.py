@@ -120,9 +120,11 @@ def test_wilson_interval():
 @pytest.fixture
 def trained_20way(tmp_path):
     """A 20-way conv4 run (procedural glyphs: no files needed) of a few MAML steps."""
-    cfg = compose_config(["task=glyphs", "model=conv4", "algo=maml", "debug=fast",
-                          "logger=none", "task.n_way=20", "task.n_classes=100", "task.rotations=true", "model.channels=8",
-                          "algo.inner_lr=0.1", "algo.eval_inner_steps=2", "threads=1"])  # fmt: skip
+    cfg = compose_config([
+        "task=glyphs", "model=conv4", "algo=maml", "debug=fast", "logger=none", "task.n_way=20",
+        "task.n_classes=100", "task.rotations=true", "model.channels=8", "algo.inner_lr=0.1",
+        "algo.eval_inner_steps=2", "threads=1",
+    ])  # fmt: skip
     train(cfg, run_dir=tmp_path / "run")
     return tmp_path / "run"
 
