@@ -3,7 +3,7 @@ the patch-embedding transformer), 5-way and 20-way 1-shot on held-out background
 over seeds, each run's wall time; optionally Lake et al.'s 20-run error of the 20-way runs.
 
     python experiments/exp_omniglot.py --data DIR [--device cuda] [--out DIR]
-        [--budget-s 300] [--seeds 0 1 2] [--lake DIR] [--tiny]
+        [--budget-s 260] [--seeds 0 1 2] [--lake DIR] [--tiny]
 
 One process, every run through `theria.train.train(cfg)` on configs composed from
 conf/experiment/omniglot_minimal_{5,20}way.yaml (Finn et al. 2017's values: α = 0.4, 1 step,
@@ -50,6 +50,7 @@ def overrides(way: int, algo: str, model: str, seed: int, args, steps: int, test
         f"seed={seed}", f"steps={steps}", f"task.root={args.data}", f"device={args.device}",
         "logger=none", "logger.progress=false", "eval_every=0", "sanity_every=0",
         "checkpoint_every=0", f"test_tasks={test_tasks}", f"val_tasks={args.val_tasks}",
+        f"logger.log_every={max(steps, 1)}",  # metrics of the first and last step only
     ]  # fmt: skip
     if args.threads:
         o.append(f"threads={args.threads}")
@@ -63,6 +64,45 @@ def run(o: list[str], run_dir: Path) -> dict:
     return res
 
 
+def probe(o: list[str], device: torch.device, n: int) -> float:
+    """Seconds per meta-step (sample, meta-gradient, optimizer step) of the config `o`."""
+    from theria.train.build import (
+        DTYPES,
+        build_algo,
+        build_model,
+        build_optimizer,
+        build_sampler,  # fmt: skip
+        check_config,
+    )
+
+    cfg = check_config(compose_config(o))
+    dtype = DTYPES[cfg.dtype]
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    sampler = build_sampler(cfg)
+    model = build_model(cfg).to(device=device, dtype=dtype)
+    algo = build_algo(cfg)
+    params = algo.init_params(model)
+    opt = build_optimizer(cfg, params).optimizer
+    g = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        tasks = sampler.sample("train", cfg.meta_batch, g).to(device, dtype)
+        res = algo(model, params, tasks)
+        for k, p in params.items():
+            p.grad = res.grads[k]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        float(res.loss)  # waits for the device
+
+    step()
+    step()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    return (time.perf_counter() - t0) / n
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True, type=Path, help="folder of the official zips")
@@ -72,10 +112,10 @@ def main() -> None:
     ap.add_argument("--ways", type=int, nargs="+", default=[5, 20], choices=[5, 20])
     ap.add_argument("--algos", nargs="+", default=["fomaml", "maml", "imaml"])
     ap.add_argument("--transformer-seeds", type=int, nargs="*", default=[0])
-    ap.add_argument("--budget-s", type=float, default=300.0, help="meta-training time, all runs")
+    ap.add_argument("--budget-s", type=float, default=260.0, help="meta-training time, all runs")
     ap.add_argument("--max-steps", type=int, default=3000)
     ap.add_argument("--min-steps", type=int, default=10)
-    ap.add_argument("--probe-steps", type=int, default=6)
+    ap.add_argument("--probe-steps", type=int, default=5)
     ap.add_argument("--test-tasks", type=int, default=200)
     ap.add_argument("--val-tasks", type=int, default=4)
     ap.add_argument("--threads", type=int, default=0)
@@ -93,6 +133,8 @@ def main() -> None:
 
     device = resolve_device(args.device)
     args.device = str(device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     env = environment(device)
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     runs_dir = ROOT / "outputs" / "exp_omniglot" / stamp
@@ -102,24 +144,16 @@ def main() -> None:
     plan += [(w, "maml", "transformer", s) for w in args.ways for s in args.transformer_seeds]
     configs = sorted({(w, a, m) for w, a, m, _ in plan})
 
-    # probe: seconds per meta-step of each configuration (2 steps vs probe_steps), after one
-    # warm-up run (CUDA context, cuDNN, allocator) so that the first probe is not inflated
+    # probe: seconds per meta-step of each configuration, timed directly (2 warm-up steps,
+    # then --probe-steps), with the trainer's own builders
     step_s: dict[tuple, float] = {}
     t_start = time.perf_counter()
     if args.tiny or args.steps:
         steps_of = {c: 2 if args.tiny else args.steps for c in configs}
     else:
-        w, a, m = configs[0]
-        run(overrides(w, a, m, 0, args, 2, 1), runs_dir / "probe" / "warmup")
         for c in configs:
             w, a, m = c
-            times = []
-            for n in (2, args.probe_steps):
-                o = overrides(w, a, m, 0, args, n, 1)
-                times.append(run(o, runs_dir / "probe" / f"{w}way_{a}_{m}_{n}")["train_time_s"])
-            # floor: the difference of two short runs can come out tiny or negative
-            step_s[c] = max((times[1] - times[0]) / (args.probe_steps - 2), times[1] /
-                            (3 * args.probe_steps), 1e-3)  # fmt: skip
+            step_s[c] = probe(overrides(w, a, m, 0, args, 2, 1), device, args.probe_steps)
             log(f"probe {w}-way {a} {m}: {step_s[c] * 1e3:.1f} ms per meta-step")
         steps_of = {}  # set per run below from the budget left
     probe_s = time.perf_counter() - t_start
