@@ -215,8 +215,8 @@ def write(args, env, rows, step_s, probe_s, total_s) -> None:
         "Hyperparameters (Finn et al. 2017), unless the overrides below say otherwise: 5-way "
         "α = 0.4, 1 inner step, meta-batch 32; "
         "20-way α = 0.1, 5 inner steps, meta-batch 16; Adam 1e-3; iMAML: λ = 2, 5 CG "
-        "iterations, 5 proximal inner steps of the same α (forward-over-reverse HVPs); tasks "
-        "batched with torch.func.vmap. Finn et al. train 60 000 steps; **these runs are "
+        "iterations, 5 proximal inner steps of the same α; the tasks of a meta-batch run "
+        "batched (algo.batching=auto). Finn et al. train 60 000 steps; **these runs are "
         + (f"reduced to {args.steps} steps each**" if args.steps else
            f"reduced to a {args.budget_s:.0f} s meta-training budget** (steps per run below, "
            "set from a timed probe of each configuration)")

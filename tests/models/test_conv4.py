@@ -77,10 +77,10 @@ def _tasks(n_tasks=2):
     return sampler.sample("train", n_tasks, torch.Generator().manual_seed(4))
 
 
-@pytest.mark.parametrize("vmap_tasks", [False, True])
-def test_maml_second_order_meta_gradient_through_conv4_matches_finite_differences(vmap_tasks):
+@pytest.mark.parametrize("batching", ["batched", "sequential", "vmap"])
+def test_maml_second_order_meta_gradient_through_conv4_matches_finite_differences(batching):
     model, tasks = small(), _tasks()
-    algo = MAML(inner_steps=1, inner_lr=0.4, vmap=vmap_tasks)
+    algo = MAML(inner_steps=1, inner_lr=0.4, batching=batching)
     params = algo.init_params(model)
     grads = algo(model, params, tasks).grads
     for seed in (3, 5):
@@ -93,8 +93,12 @@ def test_maml_second_order_meta_gradient_through_conv4_matches_finite_difference
     assert rel(fo, grads) > 1e-2
 
 
-def test_vmapped_and_sequential_maml_agree_through_conv4():
+@pytest.mark.parametrize("algo_cls", [MAML, FOMAML])
+def test_batched_vmapped_and_sequential_meta_steps_agree_through_conv4(algo_cls):
     model, tasks = small(), _tasks(3)
-    seq, vm = MAML(inner_steps=2, inner_lr=0.1), MAML(inner_steps=2, inner_lr=0.1, vmap=True)
+    seq = algo_cls(inner_steps=2, inner_lr=0.1, batching="sequential")
     params = seq.init_params(model)
-    assert rel(vm(model, params, tasks).grads, seq(model, params, tasks).grads) < 1e-10
+    want = seq(model, params, tasks).grads
+    for batching in ("batched", "vmap"):
+        got = algo_cls(inner_steps=2, inner_lr=0.1, batching=batching)(model, params, tasks).grads
+        assert rel(got, want) < 1e-10, batching
