@@ -140,7 +140,8 @@ def main() -> None:
     runs_dir = ROOT / "outputs" / "exp_omniglot" / stamp
     log(f"{env} -> runs under {runs_dir}")
 
-    plan = [(w, a, "conv4", s) for w in args.ways for a in args.algos for s in args.seeds]
+    # seed-major: the algorithms of one seed run back to back (paired if the job is cut short)
+    plan = [(w, a, "conv4", s) for w in args.ways for s in args.seeds for a in args.algos]
     plan += [(w, "maml", "transformer", s) for w in args.ways for s in args.transformer_seeds]
     configs = sorted({(w, a, m) for w, a, m, _ in plan})
 
