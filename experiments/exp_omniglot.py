@@ -192,6 +192,9 @@ def main() -> None:
         rows.append(row)
         log(f"  acc {acc['mean']:.3f} ± {acc['ci95']:.3f}, train {res['train_time_s']:.1f} s, "
             f"wall {res['wall_s']:.1f} s")  # fmt: skip
+        if i + 1 < len(plan):  # the table so far (a job cut short still leaves one)
+            write(args, env, rows, step_s, probe_s, time.perf_counter() - t_start, quiet=True,
+                  partial=f"{i + 1} of {len(plan)} runs")  # fmt: skip
     total_s = time.perf_counter() - t_start
     write(args, env, rows, step_s, probe_s, total_s)
 
@@ -200,7 +203,7 @@ def _pm(mean: float, ci: float) -> str:
     return f"{100 * mean:.1f} ± {100 * ci:.1f}" if ci == ci else f"{100 * mean:.1f}"
 
 
-def write(args, env, rows, step_s, probe_s, total_s) -> None:
+def write(args, env, rows, step_s, probe_s, total_s, quiet=False, partial="") -> None:
     dev = "cuda" if "cuda" in args.device else "cpu"
     name = f"exp_omniglot_{dev}{('_' + args.tag) if args.tag else ''}"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -226,6 +229,8 @@ def write(args, env, rows, step_s, probe_s, total_s) -> None:
     ]  # fmt: skip
     if args.overrides:
         lines.append(f"**Overrides for every run:** `{' '.join(args.overrides)}`.\n")
+    if partial:
+        lines.append(f"**Partial: {partial} so far.**\n")
     if args.tiny:
         lines.append("**Smoke test (--tiny): 2 steps per run, 4 test tasks; numbers mean "
                      "nothing.**\n")  # fmt: skip
@@ -279,8 +284,9 @@ def write(args, env, rows, step_s, probe_s, total_s) -> None:
     doc = {"environment": env, "rows": rows, "probe_step_s": probe, "budget_s": args.budget_s,
            "total_s": total_s, "argv": sys.argv[1:]}  # fmt: skip
     (args.out / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
-    print(md)
-    log(f"wrote {args.out / name}.md and .json")
+    if not quiet:
+        print(md)
+        log(f"wrote {args.out / name}.md and .json")
 
 
 if __name__ == "__main__":
