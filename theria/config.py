@@ -64,8 +64,12 @@ class TaskConfig:
     n_instances: int = 20  # glyphs
     rotations: bool = False  # glyphs, omniglot: rotated copies as extra classes
     max_shift: int = 0  # glyphs, omniglot: random translation in pixels
-    data_dir: str = "data"  # omniglot
-    download: bool = False  # omniglot
+    root: str = "data"  # omniglot: folder of the official zips (or unzipped folders)
+    background: str = "full"  # omniglot: full | small1 | small2 | small1+small2
+    split: str = "character"  # omniglot: character | alphabet | evaluation
+    split_fractions: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])  # omniglot
+    split_seed: int = 0  # omniglot: which characters/alphabets go to which split
+    download: bool = False  # omniglot: background=full through torchvision
 
 
 @dataclass
@@ -83,13 +87,16 @@ class HFConfig:
 class ModelConfig:
     """conf/model/: the network; input and output sizes come from the task."""
 
-    name: str = MISSING  # mlp | transformer | hf
+    name: str = MISSING  # mlp | transformer | hf | conv4
     hidden: list[int] = field(default_factory=lambda: [40, 40])  # mlp
     dim: int = 64  # transformer: width D
     depth: int = 2  # transformer: blocks
     heads: int = 4  # transformer
     mlp_ratio: float = 4.0  # transformer
     patch_size: int = 7  # transformer on images
+    channels: int = 64  # conv4: filters per block
+    blocks: int = 4  # conv4
+    downsample: str = "stride"  # conv4: stride | maxpool
     hf: HFConfig = field(default_factory=HFConfig)  # hf
 
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from tests.omniglot_data import require_omniglot
 from theria.train import CONF_DIR, compose_config, train
 
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -17,6 +18,8 @@ def test_preset_runs_a_few_steps(preset: str, tmp_path) -> None:
     small = ["debug=fast", "logger=none"]
     if preset == "exp_attn_paths":
         small.append("task.seq_len=64")  # the preset's L = 512 is for the measurement itself
+    if preset.startswith("omniglot"):  # the real minimal sets (skips naming where it looked)
+        small += [f"task.root={require_omniglot()}", "model.channels=8"]
     res = train(compose_config([f"experiment={preset}", *small]), run_dir=tmp_path)
     assert res["steps"] == 4
     test = json.loads((tmp_path / "results.json").read_text())["test"]["query_loss_post"]

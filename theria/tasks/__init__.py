@@ -16,7 +16,10 @@ Samplers (deterministic given the generator's state; splits draw from disjoint t
         (few-shot next-token prediction; a causal-attention task)
     GlyphTasks(n_way=5, k_shot=1, k_query=15, ...)     x: (T, N·K, 1, 28, 28), y: (T, N·K)
         (procedural alphabet, no download)                                      loss "ce"
-    OmniglotTasks(data_dir, n_way, k_shot, ..., download=False)   same shapes as GlyphTasks
+    OmniglotTasks(root, n_way, k_shot, k_query, image_size=28, background="full", split=
+                  "character", rotations=False, ...)      same shapes as GlyphTasks
+        (the official zips read in place, or torchvision's folders; background = full |
+        small1 | small2 | small1+small2; theria.tasks.omniglot.load_set caches per process)
     FewShotClassification(pool, n_way, k_shot, k_query, rotations, max_shift)   any ClassPool
 """
 

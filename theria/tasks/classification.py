@@ -64,6 +64,11 @@ class FewShotClassification:
             if n < n_way:
                 raise ValueError(f"n_way={n_way} but split {split!r} has only {n} classes")
 
+    def n_classes(self, split: Split) -> int:
+        """Classes episodes of `split` draw from: the pool's, ×4 with `rotations`."""
+        check_split(split)
+        return self.pool.n_classes(split) * (4 if self.rotations else 1)
+
     def sample(self, split: Split, n_tasks: int, generator: torch.Generator) -> Episode:
         check_split(split)
         check_positive(n_tasks=n_tasks)

@@ -21,13 +21,23 @@ from theria.algos import FOMAML, IMAML, MAML
 from theria.algos.common import BATCHINGS
 from theria.algos.step import GRAPH_MODES
 from theria.config import TrainConfig
-from theria.models import ATTENTION_PATHS, MLP, MLPConfig, Transformer, TransformerConfig
+from theria.models import (
+    ATTENTION_PATHS,
+    MLP,
+    Conv4,
+    Conv4Config,
+    MLPConfig,
+    Transformer,
+    TransformerConfig,
+)
 from theria.models.hf import HF_ARCHS, HF_ATTENTION, SLIDING_ARCHS
 from theria.tasks import GlyphTasks, MarkovChainTasks, OmniglotTasks, SinusoidTasks, TaskSampler
+from theria.tasks.omniglot import BACKGROUNDS as OMNIGLOT_BACKGROUNDS
+from theria.tasks.omniglot import SPLIT_MODES as OMNIGLOT_SPLITS
 
 ALGOS = ("fomaml", "maml", "imaml")
 TASKS = ("sinusoid", "markov", "glyphs", "omniglot")
-MODELS = ("mlp", "transformer", "hf")
+MODELS = ("mlp", "transformer", "hf", "conv4")
 OPTIMS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -280,7 +290,17 @@ def build_sampler(cfg: DictConfig) -> TaskSampler:
         )
         if t.name == "glyphs":
             return GlyphTasks(n_classes=t.n_classes, n_instances=t.n_instances, **images)
-        return OmniglotTasks(t.data_dir, download=t.download, **images)
+        _choice("task.background", t.background, tuple(OMNIGLOT_BACKGROUNDS))
+        _choice("task.split", t.split, OMNIGLOT_SPLITS)
+        return OmniglotTasks(
+            t.root,
+            background=t.background,
+            split=t.split,
+            split_fractions=tuple(t.split_fractions),
+            split_seed=t.split_seed,
+            download=t.download,
+            **images,
+        )
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"task={t.name}: {e}") from e
 
@@ -324,6 +344,18 @@ def build_model(cfg: DictConfig) -> nn.Module:
                 "model=transformer"
             )
         return MLP(MLPConfig(in_features=1, hidden=tuple(m.hidden), out_features=1))
+    if m.name == "conv4":
+        if t.name not in ("glyphs", "omniglot"):
+            raise ConfigError(
+                f"model=conv4 takes images (task=glyphs or omniglot); task={t.name} needs "
+                "model=mlp or model=transformer"
+            )
+        try:
+            return Conv4(Conv4Config(in_channels=1, image_size=t.image_size, channels=m.channels,
+                                     blocks=m.blocks, out_features=t.n_way,
+                                     downsample=m.downsample))  # fmt: skip
+        except ValueError as e:
+            raise ConfigError(f"model=conv4: {e}") from e
     common = dict(
         dim=m.dim,
         depth=m.depth,
