@@ -36,7 +36,14 @@ from torch.func import functional_call, grad, vmap
 
 from theria.algos import IMAML, MAML
 from theria.algos.step import MetaStep
-from theria.bench.common import command_line, environment, markdown_table, write_result
+from theria.bench.common import (
+    Progress,
+    _sync,
+    command_line,
+    environment,
+    markdown_table,
+    write_result,
+)
 from theria.models import Transformer, TransformerConfig
 from theria.tasks import Episode, MarkovChainTasks
 from theria.tasks.episode import task_loss
@@ -165,11 +172,6 @@ def _strategy(name: str, algo_name: str, args, seq_len: int, tasks: Episode, dev
     return (lambda: _apply(params, grads_of(params), opt)), (lambda: grads_of(fresh))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _time(step: Step, device: torch.device, warmup: int, repeats: int, budget_s: float):
     """Median synchronised wall time of a step after `warmup` steps, over `repeats` steps or
     fewer (at least 2) where the steps are slow (`budget_s` of timed steps at most)."""
@@ -279,8 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     checks: list[str] = []
     total = len(args.seq_lens) * len(args.algos) * len(args.strategies)
     cpu = device.type == "cpu"
-    done = 0
-    t_start = time.perf_counter()
+    progress = Progress(total, "meta")
     for seq_len in args.seq_lens:
         sampler = MarkovChainTasks(
             vocab_size=args.vocab, seq_len=seq_len, k_shot=args.shots, k_query=args.shots
@@ -288,12 +289,10 @@ def main(argv: list[str] | None = None) -> None:
         tasks = sampler.sample("train", args.tasks, torch.Generator().manual_seed(seq_len))
         tasks = tasks.to(device)
         for algo_name in args.algos:
-            truth = (
-                None if args.no_truth else _truth(algo_name, args, seq_len, tasks, device, dtype)
-            )
+            skip_truth = args.no_truth or seq_len > args.max_truth
+            truth = None if skip_truth else _truth(algo_name, args, seq_len, tasks, device, dtype)
             res: dict[str, dict] = {}
             for name in args.strategies:
-                done += 1
                 if name != "theria" and seq_len > args.max_peer:
                     rows.append(
                         [
@@ -309,11 +308,7 @@ def main(argv: list[str] | None = None) -> None:
                         ]
                     )
                     continue
-                eta = (time.perf_counter() - t_start) / max(done - 1, 1) * (total - done + 1)
-                print(
-                    f"[{done}/{total}, ~{eta:.0f} s left] L={seq_len} {algo_name} {name}",
-                    flush=True,
-                )
+                progress.step(f"L={seq_len} {algo_name} {name}")
                 made = _strategy(name, algo_name, args, seq_len, tasks, device, dtype)
                 if isinstance(made, str):
                     rows.append([seq_len, algo_name, name, made, "", "", "", "", ""])
