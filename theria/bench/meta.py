@@ -36,6 +36,7 @@ from torch.func import functional_call, grad, vmap
 
 from theria.algos import IMAML, MAML
 from theria.algos.step import MetaStep
+from theria.bench import meta_paths
 from theria.bench.common import (
     Progress,
     _sync,
@@ -44,7 +45,7 @@ from theria.bench.common import (
     markdown_table,
     write_result,
 )
-from theria.models import Transformer, TransformerConfig
+from theria.models import Transformer
 from theria.tasks import Episode, MarkovChainTasks
 from theria.tasks.episode import task_loss
 
@@ -53,17 +54,10 @@ Step = Callable[[], dict[str, torch.Tensor] | None]
 
 
 def _model(args: argparse.Namespace, seq_len: int, attn: str, device, dtype) -> Transformer:
-    torch.manual_seed(0)  # the same initial parameters for every strategy
-    cfg = TransformerConfig(
-        dim=args.dim,
-        depth=args.depth,
-        heads=args.heads,
-        vocab_size=args.vocab,
-        causal=True,
-        max_len=seq_len,
-        attn=attn,
-    )
-    return Transformer(cfg).to(device, dtype)
+    """The causal transformer of these flags, the same initial parameters for every strategy."""
+    cfg = dict(dim=args.dim, depth=args.depth, heads=args.heads, vocab_size=args.vocab,
+               causal=True, max_len=seq_len)  # fmt: skip
+    return meta_paths._model(cfg, attn, device, dtype)
 
 
 def _algo(name: str, args: argparse.Namespace, batching: str):
