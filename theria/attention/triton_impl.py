@@ -21,8 +21,10 @@ batch dims broadcasting, mask None | bool/float broadcastable to (..., L, S). Br
 Outputs are over the broadcast batch; gradients are reduced to the inputs' shapes.
 
 lse (and μ) are float32 for 16-bit inputs (a 16-bit lse would cost the backward its
-accuracy), else the input dtype. Kernels run on CUDA tensors, or on CPU tensors when
-TRITON_INTERPRET=1 was set before this module was imported (the CI's way to test them).
+accuracy), else float64: the float32 kernels recompute P as exp((S − hi) − lo) from it, which
+keeps their accuracy at large logits (`theria.attention.kernels.lse`). Kernels run on CUDA
+tensors, or on CPU tensors when TRITON_INTERPRET=1 was set before this module was imported (the
+CI's way to test them).
 
 `backward_jvp` (second order) is `theria.attention.kernels.second_order.backward_jvp` when that
 module provides it; otherwise the `torch` backend's blockwise formulas, announced once.
@@ -212,8 +214,9 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of lse and μ: float32 for 16-bit inputs."""
-    return _acc_dtype(dtype) if dtype in (torch.float16, torch.bfloat16) else dtype
+    """dtype of lse and μ: float32 for 16-bit inputs, float64 for float32 and float64 ones
+    (float32 kernels read a float64 lse as hi + lo: `theria.attention.kernels.lse`)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else torch.float64
 
 
 def _mask_arg(mask: Tensor | None, q: Tensor, L: int, S: int) -> tuple[Tensor, int]:

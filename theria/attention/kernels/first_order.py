@@ -54,6 +54,8 @@ try:  # the backend-neutral libdevice (Triton >= 3.0); older layouts kept it per
 except ImportError:  # pragma: no cover
     from triton.language.extra.cuda import libdevice
 
+from theria.attention.kernels.lse import load_lse, minus_lse
+
 LOG2E = 1.4426950408889634  # log2(e) = 1/ln 2, so exp(x) = exp2(x·LOG2E)
 LN2 = 0.6931471805599453  # ln 2, so ln(x) = log2(x)·LN2
 
@@ -216,11 +218,17 @@ def _attn_fwd(
     out = acc * inv_l[:, None]
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     if ACCURATE:
-        lse = m_safe + libdevice.log(l_1)
+        log_l = libdevice.log(l_1)
     elif NATURAL:
-        lse = m_safe + tl.log(l_1)
+        log_l = tl.log(l_1)
     else:
-        lse = (m_safe + tl.log2(l_1)) * 0.6931471805599453  # ·ln 2
+        log_l = tl.log2(l_1)
+    if LSE.dtype.element_ty == tl.float64:  # m + log l without rounding (kernels/lse.py)
+        lse = m_safe.to(tl.float64) + log_l.to(tl.float64)
+    else:
+        lse = m_safe + log_l
+    if not NATURAL:
+        lse = lse * 0.6931471805599453  # ·ln 2
     lse = tl.where(empty, float("-inf"), lse)
     row_base = pid_b.to(tl.int64) * L
     o_ptrs = (row_base + offs_m[:, None]) * EV + offs_e[None, :]
@@ -283,8 +291,7 @@ def _attn_fwd_jvp(
     if HAS_TV:
         TV += _batch_offset(pid_b, Z1, Z2, stv0, stv1, stv2)
     row_base = pid_b.to(tl.int64) * L
-    lse = tl.load(LSE + row_base + offs_m, mask=offs_m < L, other=0.0).to(ACC)
-    lse = tl.where(lse == float("-inf"), 0.0, lse) * RLN  # empty rows: p = exp(-inf) = 0
+    lse, lse_lo = load_lse(LSE, row_base + offs_m, offs_m < L, RLN, ACC)  # empty rows: p = 0
     mu = tl.zeros([BLOCK_M], ACC)
     acc_a = tl.zeros([BLOCK_M, BLOCK_DV], ACC)  # (P∘Ṡ) V
     acc_b = tl.zeros([BLOCK_M, BLOCK_DV], ACC)  # P V̇
@@ -298,7 +305,7 @@ def _attn_fwd_jvp(
         s = tl.dot(q, kT, input_precision=PREC, out_dtype=ACC) * qk_scale  # (BM, D) @ (D, BN)
         s = _mask_scores(s, offs_m[:, None], cols[None, :], MASK, smm, smn, L, S,
                          RLN, MASK_KIND, IS_CAUSAL, EVEN_N)  # fmt: skip
-        p = _exp(s - lse[:, None], NATURAL, ACCURATE)
+        p = _exp(minus_lse(s, lse[:, None], lse_lo[:, None], LSE, ACC), NATURAL, ACCURATE)
         if HAS_TQ or HAS_TK:
             v = tl.load(V + cols[:, None] * svn + offs_e[None, :] * svd,
                         mask=(cols[:, None] < S) & (offs_e[None, :] < EV), other=0.0)  # fmt: skip
@@ -395,12 +402,11 @@ def _attn_bwd_dkdv(
         row_ok = rows[None, :] < L
         qT = tl.load(Q + rows[None, :] * sqm + offs_d[:, None] * sqd,
                      mask=row_ok & (offs_d[:, None] < E), other=0.0)  # fmt: skip
-        lse = tl.load(LSE + row_base + rows, mask=rows < L, other=0.0).to(ACC)
-        lse = tl.where(lse == float("-inf"), 0.0, lse) * RLN
+        lse, lse_lo = load_lse(LSE, row_base + rows, rows < L, RLN, ACC)
         sT = tl.dot(k, qT, input_precision=PREC, out_dtype=ACC) * qk_scale  # (BN, D) @ (D, BM)
         sT = _mask_scores(sT, rows[None, :], offs_n[:, None], MASK, smm, smn, L, S,
                           RLN, MASK_KIND, IS_CAUSAL, True)  # fmt: skip
-        pT = _exp(sT - lse[None, :], NATURAL, ACCURATE)
+        pT = _exp(minus_lse(sT, lse[None, :], lse_lo[None, :], LSE, ACC), NATURAL, ACCURATE)
         if not EVEN_M:
             pT = tl.where(row_ok, pT, 0.0)  # rows past L
         do = tl.load(DO + rows[:, None] * sdom + offs_e[None, :] * sdod,
@@ -454,8 +460,7 @@ def _attn_bwd_dq(
                 mask=row_ok & (offs_d[None, :] < E), other=0.0)  # fmt: skip
     do = tl.load(DO + offs_m[:, None] * sdom + offs_e[None, :] * sdod,
                  mask=row_ok & (offs_e[None, :] < EV), other=0.0)  # fmt: skip
-    lse = tl.load(LSE + row_base + offs_m, mask=offs_m < L, other=0.0).to(ACC)
-    lse = tl.where(lse == float("-inf"), 0.0, lse) * RLN
+    lse, lse_lo = load_lse(LSE, row_base + offs_m, offs_m < L, RLN, ACC)
     delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < L, other=0.0).to(ACC)
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     hi = _causal_hi(start_m, S, BLOCK_M, IS_CAUSAL)
@@ -469,7 +474,7 @@ def _attn_bwd_dq(
         s = tl.dot(q, kT, input_precision=PREC, out_dtype=ACC) * qk_scale  # (BM, D) @ (D, BN)
         s = _mask_scores(s, offs_m[:, None], cols[None, :], MASK, smm, smn, L, S,
                          RLN, MASK_KIND, IS_CAUSAL, EVEN_N)  # fmt: skip
-        p = _exp(s - lse[:, None], NATURAL, ACCURATE)
+        p = _exp(minus_lse(s, lse[:, None], lse_lo[:, None], LSE, ACC), NATURAL, ACCURATE)
         dp = tl.dot(do, vT, input_precision=PREC, out_dtype=ACC)  # (BM, Dv) @ (Dv, BN)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PREC)  # (BM, BN) @ (BN, D)

@@ -55,6 +55,7 @@ from theria.attention.kernels import padded_head
 from theria.attention.kernels import precision as _precision
 from theria.attention.kernels.launch import enabled as fast_launch_enabled
 from theria.attention.kernels.launch import launch, layout_key
+from theria.attention.kernels.lse import load_lse, minus_lse
 
 MAX_HEAD_DIM = 256
 # `backward_jvp` takes the tangents of out and lse (o_dot, mu) when the caller has them.
@@ -179,6 +180,8 @@ def _probs(
     q,
     k,
     lse,
+    lse_lo,
+    LSE,
     offs_m,
     offs_n,
     L,
@@ -195,8 +198,8 @@ def _probs(
     ACC: tl.constexpr,
 ):
     """P = exp(scale·q kᵀ + mask − lse) for one (BLOCK_M, BLOCK_N) tile (transposed when T);
-    0 where masked or outside the (L, S) problem. `lse` is the saved logsumexp with −inf (empty
-    rows) set to 0."""
+    0 where masked or outside the (L, S) problem. `lse`, `lse_lo`: the saved logsumexp as
+    `kernels.lse.load_lse` reads it (hi + lo, −inf of empty rows set to 0); LSE its pointer."""
     s = _outer(q, k, T, PREC, ACC) * scale
     rows, cols = _rows(offs_m, T), _cols(offs_n, T)
     keep = (rows < L) & (cols < S)
@@ -209,7 +212,7 @@ def _probs(
         else:  # additive float mask
             s = s + m.to(ACC)
     s = tl.where(keep, s, float("-inf"))
-    return tl.exp(s - _rows(lse, T))
+    return tl.exp(minus_lse(s, _rows(lse, T), _rows(lse_lo, T), LSE, ACC))
 
 
 @triton.jit
@@ -246,6 +249,8 @@ def _hvp_tile(
     do,
     tdo,
     lse,
+    lse_lo,
+    LSE,
     mu,
     delta,
     delta_dot,
@@ -271,8 +276,8 @@ def _hvp_tile(
     """P, Ṗ, dS, dṠ for one (BLOCK_M, BLOCK_N) tile, or (BLOCK_N, BLOCK_M) when T (Ṗ is
     returned as P when Ṡ = 0; callers skip it then)."""
     p = _probs(
-        q, k, lse, offs_m, offs_n, L, S, MASK, mask_base, stride_mm, stride_mn, scale,
-        MASK_KIND, CAUSAL, T, PREC, ACC,
+        q, k, lse, lse_lo, LSE, offs_m, offs_n, L, S, MASK, mask_base, stride_mm, stride_mn,
+        scale, MASK_KIND, CAUSAL, T, PREC, ACC,
     )  # fmt: skip
     dp_c = _outer(do, v, T, PREC, ACC) - _rows(delta, T)  # dO Vᵀ − δ
     ds = p * dp_c
@@ -304,14 +309,13 @@ def _load_rows(PTR, base, offs_m, offs_e, L, E: tl.constexpr):
 
 @triton.jit
 def _load_stats(LSE, MU, DELTA, DELTA_DOT, zl, offs_m, L, ACC: tl.constexpr):
-    """The row statistics of BLOCK_M rows: lse (−inf, an empty row, read as 0), μ, δ, δ̇."""
+    """The row statistics of BLOCK_M rows: lse as hi, lo (`kernels.lse.load_lse`), μ, δ, δ̇."""
     rows = offs_m < L
-    lse = tl.load(LSE + zl + offs_m, mask=rows, other=0.0).to(ACC)
-    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    lse, lse_lo = load_lse(LSE, zl + offs_m, rows, 1.0, ACC)
     mu = tl.load(MU + zl + offs_m, mask=rows, other=0.0)
     delta = tl.load(DELTA + zl + offs_m, mask=rows, other=0.0)
     delta_dot = tl.load(DELTA_DOT + zl + offs_m, mask=rows, other=0.0)
-    return lse, mu, delta, delta_dot
+    return lse, lse_lo, mu, delta, delta_dot
 
 
 @triton.jit
@@ -345,8 +349,7 @@ def _attn_hvp_rowstats(
     tq = q
     if HAS_TQ:
         tq = _load_rows(TQ, qb * L * E, offs_m, offs_e, L, E)
-    lse = tl.load(LSE + zl + offs_m, mask=rows, other=0.0).to(ACC)
-    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    lse, lse_lo = load_lse(LSE, zl + offs_m, rows, 1.0, ACC)
 
     mu = tl.zeros([BLOCK_M], dtype=ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_EV], dtype=ACC)  # (P∘Ṡ)V, then Ȯ
@@ -357,8 +360,8 @@ def _attn_hvp_rowstats(
         offs_n = start_n + offs_n0
         k = _load_rows(K, kb * S * E, offs_n, offs_e, S, E)
         p = _probs(
-            q, k, lse, offs_m, offs_n, L, S, MASK, mask_base, stride_mm, stride_mn, scale,
-            MASK_KIND, CAUSAL, False, PREC, ACC,
+            q, k, lse, lse_lo, LSE, offs_m, offs_n, L, S, MASK, mask_base, stride_mm, stride_mn,
+            scale, MASK_KIND, CAUSAL, False, PREC, ACC,
         )  # fmt: skip
         if HAS_TQ or HAS_TK:
             tk = k
@@ -428,7 +431,9 @@ def _attn_hvp_dq(
         tdo = do
         if HAS_TDO:
             tdo = _load_rows(TDO, zl * EV, offs_m, offs_ev, L, EV)
-        lse, mu, delta, delta_dot = _load_stats(LSE, MU, DELTA, DELTA_DOT, zl, offs_m, L, ACC)
+        lse, lse_lo, mu, delta, delta_dot = _load_stats(
+            LSE, MU, DELTA, DELTA_DOT, zl, offs_m, L, ACC
+        )
         for start_n in range(0, hi, BLOCK_N):
             offs_n = start_n + offs_n0
             k = _load_rows(K, kb * S * E, offs_n, offs_e, S, E)
@@ -440,8 +445,8 @@ def _attn_hvp_dq(
             if HAS_TV:
                 tv = _load_rows(TV, kb * S * EV, offs_n, offs_ev, S, EV)
             _p, _pd, ds, dsd = _hvp_tile(
-                q, tq, k, tk, v, tv, do, tdo, lse, mu, delta, delta_dot, offs_m, offs_n, L, S,
-                MASK, mask_base, stride_mm, stride_mn, scale,
+                q, tq, k, tk, v, tv, do, tdo, lse, lse_lo, LSE, mu, delta, delta_dot, offs_m,
+                offs_n, L, S, MASK, mask_base, stride_mm, stride_mn, scale,
                 HAS_TQ, HAS_TK, HAS_TV, HAS_TDO, MASK_KIND, CAUSAL, False, PREC, ACC,
             )  # fmt: skip
             acc += _dot(dsd.to(k.dtype), k, PREC, ACC)  # dṠ K: (M, N) @ (N, E) -> (M, E)
@@ -505,10 +510,12 @@ def _attn_hvp_dkdv(
             tdo = do
             if HAS_TDO:
                 tdo = _load_rows(TDO, zl * EV, offs_m, offs_ev, L, EV)
-            lse, mu, delta, delta_dot = _load_stats(LSE, MU, DELTA, DELTA_DOT, zl, offs_m, L, ACC)
+            lse, lse_lo, mu, delta, delta_dot = _load_stats(
+                LSE, MU, DELTA, DELTA_DOT, zl, offs_m, L, ACC
+            )
             p, pd, ds, dsd = _hvp_tile(
-                q, tq, k, tk, v, tv, do, tdo, lse, mu, delta, delta_dot, offs_m, offs_n, L, S,
-                MASK, mask_base, stride_mm, stride_mn, scale,
+                q, tq, k, tk, v, tv, do, tdo, lse, lse_lo, LSE, mu, delta, delta_dot, offs_m,
+                offs_n, L, S, MASK, mask_base, stride_mm, stride_mn, scale,
                 HAS_TQ, HAS_TK, HAS_TV, HAS_TDO, MASK_KIND, CAUSAL, KEY_MAJOR, PREC, ACC,
             )  # fmt: skip
             if not KEY_MAJOR:  # tiles are (M, N): transpose them for the key side

@@ -1,0 +1,48 @@
+"""The saved row logsumexp, read back by every kernel that recomputes P = exp(S − lse).
+
+With lse rounded to float32, the rows of the recomputed P sum to 1 only within |lse|·ε, and
+the second-order formulas (Ṡ − μ, dP − δ) amplify that error with the logits' size: at
+E = 8, scale = 10 (|S| ≈ 100) the double backward w.r.t. V had 4.7× the error of PyTorch's
+float32 math path (docs/CONTRACT.md, "Accuracy at large logits"). So float32 inputs keep lse
+in float64 (O(L) bytes; `theria.attention.triton_impl._stat_dtype`), and a kernel reads it
+as two float32 numbers hi + lo and subtracts them one after the other:
+
+    p = exp((s − hi) − lo)
+
+s − hi is exact where it matters (Sterbenz: s within a factor of 2 of hi, i.e. the large
+entries of P), so P carries the rounding error of |s − lse|, as the math path's
+exp(s − max) does, not of |lse|. The `torch` backend does the same (`blockwise._safe`).
+16-bit inputs keep a float32 lse (their own rounding dominates); float64 needs no split.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def load_lse(LSE, offs, ok, RLN: tl.constexpr, ACC: tl.constexpr):
+    """(hi, lo): lse[offs] in the scores' unit (times RLN), −inf (a row with no key) read as 0,
+    split into ACC numbers hi + lo when LSE is float64 and ACC narrower (lo = 0 otherwise)."""
+    x = tl.load(LSE + offs, mask=ok, other=0.0)
+    x = tl.where(x == float("-inf"), 0.0, x)
+    if LSE.dtype.element_ty == tl.float64:
+        x = x * RLN
+        hi = x.to(ACC)
+        lo = (x - hi.to(tl.float64)).to(ACC)  # exactly 0 when ACC is float64
+    else:
+        hi = x.to(ACC) * RLN
+        lo = tl.zeros_like(hi)
+    return hi, lo
+
+
+@triton.jit
+def minus_lse(s, hi, lo, LSE, ACC: tl.constexpr):
+    """s − lse for a tile of scores, given `load_lse`'s hi and lo already broadcast to the
+    tile: (s − hi) − lo where lo can be nonzero, else s − hi (no extra op per score)."""
+    r = s - hi
+    if LSE.dtype.element_ty == tl.float64:  # noqa: SIM102 (static branches, one per constexpr)
+        if ACC == tl.float32:  # noqa: SIM300
+            r = r - lo
+    return r
