@@ -181,6 +181,17 @@ def setup(backend: str = "auto", timeout_s: float = 600.0, device: str = "auto")
         backend = "nccl" if dev.type == "cuda" else "gloo"
     if backend == "nccl" and dev.type != "cuda":
         raise ValueError(f"backend='nccl' needs CUDA devices; this rank's device is {dev}")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if backend == "nccl" and device in ("auto", "cuda"):
+        n_gpu = torch.cuda.device_count()
+        if local_world > n_gpu:  # NCCL refuses two ranks on one GPU ("invalid usage")
+            raise DistributedError(
+                f"rank {rank}/{world}: backend nccl needs one CUDA device per rank, but this "
+                f"node runs {local_world} ranks (LOCAL_WORLD_SIZE) and sees {n_gpu} CUDA "
+                f"device(s), so local rank {local} would share {dev} with local rank "
+                f"{local % n_gpu}. Start at most {n_gpu} rank(s) per node, or run the ranks on "
+                "the CPU (device=cpu, gloo)"
+            )
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     os.environ.setdefault("MASTER_ADDR", str(env["master_addr"]))  # env:// reads these

@@ -99,3 +99,19 @@ def test_checksum_sees_every_bit():
     renamed = {"a2": params["a"], "b": params["b"]}
     assert not torch.equal(base, D.params_checksum(renamed))  # names count
     assert not torch.equal(base, D.params_checksum({"a": params["a"].float(), "b": params["b"]}))
+
+
+def test_nccl_with_more_ranks_than_gpus_fails_before_joining(monkeypatch):
+    """Two torchrun ranks on a one-GPU node: NCCL would fail inside init with "invalid usage";
+    setup names the cause first (checked before any process group exists)."""
+    env = dict(TORCHRUN, RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    joined = []
+    monkeypatch.setattr(D.dist, "init_process_group", lambda *a, **k: joined.append(1))
+    with pytest.raises(D.DistributedError, match=r"2 ranks .* sees 1 CUDA device.*device=cpu"):
+        D.setup(backend="auto", device="auto")
+    assert not joined

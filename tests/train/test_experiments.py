@@ -130,7 +130,9 @@ def test_peak_memory_is_this_runs_and_not_inherited() -> None:
 
 
 def test_results_report_the_runs_memory_kind(tmp_path: Path) -> None:
-    res = train(compose_config([*FAST, "sanity_every=0", "steps=2"]), run_dir=tmp_path)
+    # device=cpu: the CPU's accounting (a CUDA run reports the allocator's peak instead)
+    over = [*FAST, "sanity_every=0", "steps=2", "device=cpu"]
+    res = train(compose_config(over), run_dir=tmp_path)
     assert res["peak_mem_kind"] == "cpu_rss_peak_above_start_sampled"
     assert 0 <= res["peak_mem_mb"] < res["mem_at_start_mb"]  # the steps, not torch's ~1 GB
     mem = [v for _, v in scalars(tmp_path / "default")["perf/peak_mem_mb"]]
