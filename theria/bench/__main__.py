@@ -7,8 +7,12 @@ import sys
 
 SUITES = {
     "cpu": "one HVP through one attention call on the CPU: torch vs reference vs math SDPA",
-    "gpu": "Triton first-order kernels on CUDA: forward, forward+backward, forward+JVP",
-    "hvp": "Triton second-order kernels on CUDA: one HVP through one attention call",
+    "gpu": "Triton first-order kernels on CUDA vs SDPA cuDNN / flash / efficient: forward, "
+    "forward+backward, forward+JVP, issue 16's targets",
+    "hvp": "Triton second-order kernels on CUDA: one HVP through one attention call, vs SDPA "
+    "cuDNN / flash / efficient forward+backward",
+    "overhead": "host (CPU) time per attention call at a tiny size, per mode: theria vs "
+    "PyTorch's SDPA (CUDA; --device cpu for the torch backend)",
     "meta": "one meta-step (MAML, iMAML): theria's batched/graphed step vs the per-task loop, "
     "torch.func vmap + math SDPA, higher",
     "meta-paths": "one meta-step (MAML, iMAML) through a transformer, per attention path",

@@ -9,7 +9,7 @@ import shlex
 import statistics
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,12 @@ __all__ = [
     "RESULTS_DIR",
     "Progress",
     "command_line",
+    "device_kernel_ms",
     "environment",
     "markdown_table",
     "measure",
+    "ratios",
+    "target_cells",
     "write_result",
 ]
 
@@ -142,6 +145,75 @@ def measure(
             torch.cuda.empty_cache()
         return {"oom": 1.0}
     return {"ms": statistics.median(times), "ms_min": min(times), "peak_mb": peak}
+
+
+def device_kernel_ms(fn: Callable[[], Any], device: torch.device, calls: int = 1) -> float:
+    """CUDA kernel time (ms) per call of `fn`, summed over `calls` back-to-back calls under
+    torch.profiler with the CUDA activity only (so the host is not slowed by tracing)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        _sync(device)
+    kernel_us = sum(
+        e.self_device_time_total
+        for e in prof.key_averages()
+        if getattr(e, "device_type", None) is not None and "cuda" in str(e.device_type).lower()
+    )
+    return kernel_us / 1e3 / calls
+
+
+def ratios(
+    records: Sequence[Mapping[str, Any]],
+    group: Sequence[str],
+    reference: Mapping[str, tuple[str, str]],
+    field: str = "ms",
+) -> list[float | None]:
+    """Each record's `field` over that of its reference record: the record with the same
+    values of the keys `group` whose ("mode", "path") is `reference[record["mode"]]`.
+
+    A record is a mapping with at least "mode" and "path"; a measured one has `field` (a
+    failed one has not). The result is aligned with `records`: None where the record's mode
+    has no reference, or either value is missing or the reference is zero."""
+    index = {(tuple(r[g] for g in group), r["mode"], r["path"]): r.get(field) for r in records}
+    out: list[float | None] = []
+    for r in records:
+        ref = reference.get(r["mode"])
+        base = index.get((tuple(r[g] for g in group), *ref)) if ref is not None else None
+        value = r.get(field)
+        out.append(value / base if value is not None and base else None)
+    return out
+
+
+def target_cells(
+    ours: Mapping[str, Any] | None,
+    ref: Mapping[str, Any] | None,
+    limit: float,
+    goal: float | None = None,
+    field: str = "ms",
+) -> list[Any]:
+    """[ours, reference, ratio, limit, ratio − limit, verdict] for a target "ours / ref ≤
+    limit" (an optional tighter `goal` is reported next to the limit). Verdict: "met",
+    "NOT met", or "not measured" when the reference has no `field`; a missing `ours` is
+    "NOT met" (the path that the target is about did not run), its error in the ratio cell.
+    A record's error is its "error" value."""
+
+    def why(r: Mapping[str, Any] | None) -> str:
+        return "not run" if r is None else str(r.get("error", "not measured"))
+
+    lim = f"{limit:g}" + (f" (goal {goal:g})" if goal is not None else "")
+    a = None if ours is None else ours.get(field)
+    b = None if ref is None else ref.get(field)
+    if a is None:
+        return ["", "" if b is None else b, f"ours: {why(ours)}", lim, "", "NOT met"]
+    if b is None or b <= 0:
+        what = why(ref) if b is None else f"{field} = {b}"
+        return [a, "" if b is None else b, f"reference: {what}", lim, "", "not measured"]
+    r = a / b
+    gap = f"{r - limit:+.2f}" + (f" (goal {r - goal:+.2f})" if goal is not None else "")
+    return [a, b, f"{r:.2f}", lim, gap, "met" if r <= limit else "NOT met"]
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

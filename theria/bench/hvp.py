@@ -1,8 +1,11 @@
 """One HVP through one attention call on CUDA: theria's Triton kernels vs PyTorch's math SDPA
-(the only PyTorch path that can be differentiated twice) vs theria's `torch` backend.
+(the only PyTorch path that can be differentiated twice) vs theria's `torch` backend, with
+PyTorch's fused first-order kernels (cuDNN, flash, memory-efficient forward + backward)
+measured in the same run as the yardstick.
 
     python -m theria.bench hvp [--dims 64 128] [--dtypes bf16 fp32] [--sizes 1024 ... 32768]
-                               [--modes rev_rev fwd_rev] [--no-check] [--sweep] [--out DIR]
+                               [--causal no yes] [--modes rev_rev fwd_rev] [--no-check]
+                               [--sweep] [--out DIR] [--name NAME]
 
 An HVP is forward + backward + second-order pass for ℓ(Q, K, V) = ½‖attention(Q, K, V)‖²
 (as `python -m theria.bench cpu`), along a random direction (u_Q, u_K, u_V):
@@ -10,13 +13,24 @@ An HVP is forward + backward + second-order pass for ℓ(Q, K, V) = ½‖attenti
     rev_rev   g = ∇ℓ (create_graph=True), then ∇⟨g, u⟩       (what MAML's meta-gradient does)
     fwd_rev   torch.func.jvp(torch.func.grad(ℓ), primals, u)  (forward-over-reverse)
 
-Shapes (B, H, N, D), self-attention L = S = N, no mask. Also timed, as the yardstick of the
-targets: PyTorch's flash SDPA forward + backward (first order only).
+Shapes (B, H, N, D), self-attention L = S = N, no mask, per causal (`is_causal` passed to every
+path). Also timed, per shape: PyTorch's SDPA forward + backward (first order only) with each
+fused kernel forced by `sdpa_kernel(SDPBackend.…)`: cuDNN, flash, efficient. A kernel that
+cannot run a case (cuDNN and flash have no float32 kernel; not built; not supported on this
+GPU) raises, and its row shows the error. `× cuDNN fwd+bwd`: time over SDPA cuDNN's forward +
+backward for the same causal, D, dtype and N (empty where cuDNN did not run, e.g. float32).
 
 FLOPs (docs/MATH.md §5.5, §6.2: algorithmic matmuls, 2·B·H·N²·D each, not the recomputation
 of split kernels): rev_rev 27 matmuls (forward 2 + backward 5 + double backward 15 + the
 backward again for ℓ's curvature 5), fwd_rev 29 (forward 2 + forward JVP 5 + backward 5 +
-backward JVP 17), flash forward + backward 7 (2 + 5).
+backward JVP 17), fused forward + backward 7 (2 + 5); halved when causal.
+
+Targets (issue 16), from this run's rows, for D ∈ {64, 128}, 16-bit dtypes (cuDNN has no
+float32 kernel), causal and not, at every N ≥ 4096 of the run, 'theria triton':
+
+    rev_rev time  ≤ 4.5× SDPA cuDNN forward + backward (goal 4×)
+    fwd_rev time  ≤ rev_rev time
+    peak memory   ≤ 3× SDPA flash forward + backward's, per mode (issue 7's memory target)
 
 `--check` (on by default) first checks the Triton HVP in bf16 and fp32 against float64 by the
 2× rule: its error must be at most twice that of the `reference` backend in the same dtype (plus
@@ -32,6 +46,7 @@ import io
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,14 +54,24 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import theria
 from theria import autodiff
-from theria.bench.common import command_line, environment, markdown_table, measure, write_result
+from theria.bench.common import (
+    Progress,
+    command_line,
+    environment,
+    markdown_table,
+    measure,
+    ratios,
+    target_cells,
+    write_result,
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MATMULS = {"rev_rev": 27, "fwd_rev": 29, "fwd+bwd": 7}  # per 2·B·H·N²·D FLOPs; see docstring
 
 
-def flops(n_mm: int, B: int, H: int, N: int, D: int) -> float:
-    return n_mm * 2.0 * B * H * N * N * D
+def flops(n_mm: int, B: int, H: int, N: int, D: int, causal: bool = False) -> float:
+    """Algorithmic FLOPs of `n_mm` (B, H, N, N)-sized matmuls over D; half of them if causal."""
+    return n_mm * 2.0 * B * H * N * N * D * (0.5 if causal else 1.0)
 
 
 def _math_sdpa(q, k, v, **kw):
@@ -58,10 +83,17 @@ def _theria(backend: str) -> Callable:
     return lambda q, k, v, **kw: theria.sdpa(q, k, v, backend=backend, **kw)
 
 
+THERIA = "theria triton"
 PATHS: dict[str, Callable] = {
-    "theria triton": _theria("triton"),
+    THERIA: _theria("triton"),
     "SDPA math": _math_sdpa,
     "theria torch": _theria("torch"),
+}
+CUDNN, FLASH, EFFICIENT = "SDPA cuDNN", "SDPA flash", "SDPA efficient"
+FUSED = {  # PyTorch's fused first-order kernels, the yardstick (mode "fwd+bwd")
+    CUDNN: SDPBackend.CUDNN_ATTENTION,
+    FLASH: SDPBackend.FLASH_ATTENTION,
+    EFFICIENT: SDPBackend.EFFICIENT_ATTENTION,
 }
 
 
@@ -72,17 +104,14 @@ def _loss(attn: Callable, **kw) -> Callable:
     return loss
 
 
-def _flash_fwd_bwd(q, k, v, do):
-    """PyTorch's fused first-order forward + backward: flash for 16-bit inputs; flash has no
-    float32 kernel, so float32 gets the memory-efficient one (the row says which)."""
-    backend = (
-        SDPBackend.FLASH_ATTENTION if q.element_size() == 2 else SDPBackend.EFFICIENT_ATTENTION
-    )
+def _fused_fwd_bwd(backend: SDPBackend, q, k, v, do, is_causal: bool = False) -> Callable:
+    """One forward + backward through PyTorch's SDPA restricted to one fused kernel (it raises
+    if that kernel cannot run the case)."""
 
     def run():
         qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
         with sdpa_kernel(backend):
-            out = F.scaled_dot_product_attention(qq, kk, vv)
+            out = F.scaled_dot_product_attention(qq, kk, vv, is_causal=is_causal)
         torch.autograd.grad(out, (qq, kk, vv), do)
 
     return run
@@ -256,19 +285,92 @@ def sweep(device: torch.device, dims: list[int], N: int = 4096) -> str:
 
 # ------------------------------------------------------------------------------ benchmark
 
+# A timing is a record {"causal", "D", "dtype", "N", "mode", "path"} plus {"ms", "ms_min",
+# "peak_mb"} when it ran, or {"error"} (the exception, "OOM", why it was not run).
+Record = dict[str, Any]
+GROUP = ("causal", "D", "dtype", "N")  # the fields that a ratio holds fixed
+X_CUDNN = {m: ("fwd+bwd", CUDNN) for m in MATMULS}  # the `× cuDNN fwd+bwd` column
+
+TARGET_DIMS = (64, 128)
+HVP_LIMIT, HVP_GOAL = 4.5, 4.0  # rev_rev time over SDPA cuDNN forward + backward
+PEAK_LIMIT = 3.0  # HVP peak over SDPA flash forward + backward's
+
 
 def _limit(name: str, dtype: str, D: int, N: int, args: argparse.Namespace) -> str | None:
     """Why a (path, size) is not run, or None. Peers are capped where they would take minutes
     (the torch backend) or are known to run out of memory (math SDPA, tried up to the first
     OOM, which is recorded)."""
-    if dtype == "fp32" and name == "theria triton" and args.max_fp32 < N:
+    if dtype == "fp32" and name == THERIA and args.max_fp32 < N:
         return f"not run (> {args.max_fp32}, --max-fp32)"
     if name == "theria torch" and args.max_torch < N:
         return f"not run (> {args.max_torch})"
     return None
 
 
-def main(argv: list[str] | None = None) -> None:
+def _yes(causal: bool) -> str:
+    return "yes" if causal else "no"
+
+
+def timings_table(records: list[Record], B: int, H: int) -> str:
+    """The records as a markdown table with TFLOP/s and `× cuDNN fwd+bwd`."""
+    rel = ratios(records, GROUP, X_CUDNN)
+    rows = []
+    for r, x in zip(records, rel, strict=True):
+        head = [_yes(r["causal"]), r["D"], r["dtype"], r["N"], r["mode"], r["path"]]
+        if "ms" not in r:
+            rows.append([*head, r.get("error", "?"), "", "", "", ""])
+            continue
+        fl = flops(MATMULS[r["mode"]], B, H, r["N"], r["D"], r["causal"])
+        tf = fl / (r["ms"] * 1e-3) / 1e12
+        cells = [r["ms"], r["peak_mb"], tf, r["ms_min"], "" if x is None else f"{x:.2f}"]
+        rows.append([*head, *cells])
+    headers = ["causal", "D", "dtype", "N", "mode", "path", "median ms", "peak MB", "TFLOP/s",
+               "min ms", "× cuDNN fwd+bwd"]  # fmt: skip
+    return markdown_table(headers, rows)
+
+
+TARGET_HEADERS = ["target", "causal", "D", "dtype", "N", "ours", "reference", "ratio", "limit",
+                  "ratio − limit", "verdict"]  # fmt: skip
+
+
+def targets(records: list[Record]) -> tuple[list[list[Any]], str]:
+    """Issue 16's HVP targets on `records` (see the module docstring), for the modes that
+    'theria triton' was asked to run: rows of TARGET_HEADERS (times in ms, peaks in MB) and a
+    one-line summary (counts of met / NOT met / not measured)."""
+    by = {(*(r[g] for g in GROUP), r["mode"], r["path"]): r for r in records}
+    cells = sorted(
+        {k[:4] for k in by if k[1] in TARGET_DIMS and k[2] in ("bf16", "fp16") and k[3] >= 4096}
+    )
+    rows: list[list[Any]] = []
+    for cell in cells:
+        ours = {m: by.get((*cell, m, THERIA)) for m in ("rev_rev", "fwd_rev")}
+        ran = {m for m in ours if (*cell, m, THERIA) in by}
+        head = [_yes(cell[0]), *cell[1:]]
+        cudnn, flash = by.get((*cell, "fwd+bwd", CUDNN)), by.get((*cell, "fwd+bwd", FLASH))
+        if "rev_rev" in ran:
+            what = "rev_rev ms / SDPA cuDNN fwd+bwd ms"
+            rows.append([what, *head, *target_cells(ours["rev_rev"], cudnn, HVP_LIMIT, HVP_GOAL)])
+        if ran == {"rev_rev", "fwd_rev"}:
+            what = "fwd_rev ms / rev_rev ms"
+            rows.append([what, *head, *target_cells(ours["fwd_rev"], ours["rev_rev"], 1.0)])
+        for mode in sorted(ran, reverse=True):  # rev_rev, then fwd_rev
+            what = f"{mode} peak MB / SDPA flash fwd+bwd peak MB"
+            cells_ = target_cells(ours[mode], flash, PEAK_LIMIT, field="peak_mb")
+            rows.append([what, *head, *cells_])
+    verdicts = [r[-1] for r in rows]
+    if not rows:
+        return rows, (
+            "Issue 16 HVP targets: none in this run (they need 'theria triton' at D ∈ {64, 128},"
+            " bf16 or fp16, N ≥ 4096)."
+        )
+    return rows, (
+        f"Issue 16 HVP targets in this run: {verdicts.count('met')} met, "
+        f"{verdicts.count('NOT met')} NOT met, {verdicts.count('not measured')} not measured "
+        f"(of {len(rows)})."
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m theria.bench hvp",
         description=__doc__,
@@ -277,7 +379,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", type=int, nargs="*", default=[1024, 2048, 4096, 8192, 16384, 32768])
     ap.add_argument("--dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
-    ap.add_argument("--modes", nargs="+", default=["rev_rev", "fwd_rev"])
+    ap.add_argument("--causal", nargs="+", choices=["no", "yes"], default=["no", "yes"],
+                    help="is_causal for every path: no, yes or both")  # fmt: skip
+    ap.add_argument("--modes", nargs="+", default=["rev_rev", "fwd_rev"],
+                    choices=["rev_rev", "fwd_rev"])  # fmt: skip
     ap.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--heads", type=int, default=16)
@@ -291,10 +396,18 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="results folder (default outputs/bench; the committed tables: experiments/results)",
     )
-    ap.add_argument("--name", default="triton_hvp_h100")
+    ap.add_argument("--name", default="triton_hvp_cuda")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = _parser()
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("python -m theria.bench hvp needs a CUDA device")
+        raise SystemExit(
+            "theria.bench hvp: needs a CUDA device (torch.cuda.is_available() is False); the "
+            "CPU benchmark is `python -m theria.bench cpu`"
+        )
     device = torch.device("cuda")
     env = environment(device)
     t_start = time.time()
@@ -313,28 +426,35 @@ def main(argv: list[str] | None = None) -> None:
             + sweep(device, args.dims)
         )
 
-    rows, summary = [], {}
+    records: list[Record] = []
     B, H = args.batch, args.heads
 
     def report(final: bool) -> None:
-        """Write the results file; also after each (D, dtype) block, so a run stopped by a time
-        limit leaves what it measured."""
-        head = ["D", "dtype", "N", "mode", "path", "median ms", "peak MB", "TFLOP/s", "min ms"]
+        """Write the results file; also after each (causal, D, dtype) block, so a run stopped
+        by a time limit leaves what it measured."""
+        rows, summary = targets(records)
         table = (
             f"## One HVP through one attention call\n\nB={B}, H={H}, L = S = N, no mask; "
             f"ℓ = ½‖O‖²; median of {args.repeats} repeats (3 for N > 8192) after a warm-up; "
             "peak = CUDA allocator peak above the inputs. TFLOP/s from the algorithmic matmul "
-            f"count (rev_rev {MATMULS['rev_rev']}, fwd_rev {MATMULS['fwd_rev']}, flash fwd+bwd "
-            f"{MATMULS['fwd+bwd']} matmuls of 2·B·H·N²·D FLOPs; docs/MATH.md §5.5, §6.2). "
-            "'theria triton' is `theria.sdpa(backend='triton')` end to end (first-order kernels "
-            "of `kernels/first_order.py`, second-order kernels of `kernels/second_order.py`).\n\n"
-            + markdown_table(head, rows)
-            + "\n\n"
-            + _targets(summary)
+            f"count (rev_rev {MATMULS['rev_rev']}, fwd_rev {MATMULS['fwd_rev']}, fused fwd+bwd "
+            f"{MATMULS['fwd+bwd']} matmuls of 2·B·H·N²·D FLOPs, halved when causal; "
+            "docs/MATH.md §5.5, §6.2). 'theria triton' is `theria.sdpa(backend='triton')` end "
+            "to end (first-order kernels of `kernels/first_order.py`, second-order kernels of "
+            "`kernels/second_order.py`). fwd+bwd rows: PyTorch's fused first-order SDPA "
+            "kernels, the yardstick. `× cuDNN fwd+bwd`: time over SDPA cuDNN's forward + "
+            "backward at the same causal, D, dtype, N.\n\n" + timings_table(records, B, H)
+        )
+        goals = (
+            "## Targets (issue 16, from this run's rows)\n\nD ∈ {64, 128}, 16-bit, N ≥ 4096, "
+            "causal and not, 'theria triton': rev_rev ≤ 4.5× SDPA cuDNN fwd+bwd (goal 4×); "
+            "fwd_rev ≤ rev_rev; peak ≤ 3× SDPA flash fwd+bwd's.\n\n"
+            f"{summary}\n\n" + markdown_table(TARGET_HEADERS, rows)
         )
         tail = f"Total wall time {time.time() - t_start:.0f} s" + ("." if final else " (partial).")
         body = "\n\n".join(
             [
+                goals,
                 table,
                 *sections,
                 tail,
@@ -349,96 +469,75 @@ def main(argv: list[str] | None = None) -> None:
             with contextlib.redirect_stdout(io.StringIO()):
                 write_result(args.name, title, env, body, out)
 
-    for D in args.dims:
-        for dname in args.dtypes:
-            dt = DTYPES[dname]
-            oom_at: dict[tuple[str, str], int] = {}
-            for N in args.sizes:
-                g = torch.Generator(device).manual_seed(N + D)
-                shape = (B, H, N, D)
-                q, k, v = (
-                    torch.randn(shape, generator=g, device=device, dtype=dt) for _ in range(3)
-                )
-                u = tuple(
-                    torch.randn(shape, generator=g, device=device, dtype=dt) for _ in range(3)
-                )
-                reps = args.repeats if N <= 8192 else 3
-                fused = "SDPA flash" if dt.itemsize == 2 else "SDPA efficient"
-                try:
-                    m = measure(_flash_fwd_bwd(q, k, v, torch.randn_like(q)), device, repeats=reps)
-                except RuntimeError as e:  # no fused kernel for this case: recorded
-                    m = {"fails": str(e)[:60]}
-                fl = flops(MATMULS["fwd+bwd"], B, H, N, D)
-                summary[(D, dname, N, "flash")] = m
-                cells = [f"fails: {m['fails']}", "", "", ""] if "fails" in m else _cells(m, fl)
-                rows.append([D, dname, N, "fwd+bwd", f"{fused} (first order)", *cells])
-                for mode in args.modes:
-                    fl = flops(MATMULS[mode], B, H, N, D)
-                    for name in args.paths:
-                        why = _limit(name, dname, D, N, args)
-                        if (name, mode) in oom_at:
-                            why = f"not run (OOM at N={oom_at[(name, mode)]})"
-                        if why:
-                            rows.append([D, dname, N, mode, name, why, "", "", ""])
-                            continue
-                        loss = _loss(PATHS[name])
-                        print(f"D={D} {dname} N={N} {mode} {name} ...", flush=True)
-
-                        def run(loss=loss, mode=mode, p=(q, k, v), u=u):
-                            return autodiff.hvp(loss, p, u, mode)
-
-                        try:
-                            m = measure(run, device, repeats=reps)
-                        except Exception as e:  # a path that cannot do this is a result
-                            rows.append(
-                                [D, dname, N, mode, name, f"fails: {type(e).__name__}", "", "", ""]
-                            )
-                            print(f"  fails: {e}", flush=True)
-                            continue
-                        if "oom" in m:
-                            oom_at[(name, mode)] = N
-                            rows.append([D, dname, N, mode, name, "OOM", "", "", ""])
-                            continue
-                        summary[(D, dname, N, mode, name)] = m
-                        rows.append([D, dname, N, mode, name, *_cells(m, fl)])
-                        print(f"  {m['ms']:.2f} ms, {m['peak_mb']:.0f} MB", flush=True)
-                del q, k, v, u
-                torch.cuda.empty_cache()
-            report(final=False)
+    causals = list(dict.fromkeys(c == "yes" for c in args.causal))
+    progress = Progress(len(causals) * len(args.dims) * len(args.dtypes) * len(args.sizes),
+                        "bench hvp")  # fmt: skip
+    for causal in causals:
+        for D in args.dims:
+            for dname in args.dtypes:
+                _block(records, causal, D, dname, args, device, progress)
+                report(final=False)
     report(final=True)
 
 
-def _cells(m: dict, fl: float) -> list:
-    if "oom" in m:
-        return ["OOM", "", "", ""]
-    return [m["ms"], m["peak_mb"], fl / (m["ms"] * 1e-3) / 1e12, m["ms_min"]]
+def _block(
+    records: list[Record], causal: bool, D: int, dname: str, args: argparse.Namespace,
+    device: torch.device, progress: Progress,
+) -> None:  # fmt: skip
+    """Time every size of one (causal, D, dtype): the fused first-order peers, then each HVP
+    mode of each path; appends to `records`."""
+    dt = DTYPES[dname]
+    B, H = args.batch, args.heads
+    oom_at: dict[tuple[str, str], int] = {}
+    for N in args.sizes:
+        progress.step(f"causal={_yes(causal)} D={D} {dname} N={N}")
+        g = torch.Generator(device).manual_seed(N + D)
+        shape = (B, H, N, D)
+        q, k, v = (torch.randn(shape, generator=g, device=device, dtype=dt) for _ in range(3))
+        u = tuple(torch.randn(shape, generator=g, device=device, dtype=dt) for _ in range(3))
+        do = torch.randn(shape, generator=g, device=device, dtype=dt)
+        reps = args.repeats if N <= 8192 else 3
+        key = {"causal": causal, "D": D, "dtype": dname, "N": N}
+        for name, backend in FUSED.items():
+            try:
+                m = measure(_fused_fwd_bwd(backend, q, k, v, do, causal), device, repeats=reps)
+            except Exception as e:  # a kernel that cannot run this case: recorded
+                m = {"error": f"fails: {type(e).__name__}: {str(e)[:60]}"}
+            records.append({**key, "mode": "fwd+bwd", "path": name, **_ok(m)})
+            print(f"D={D} {dname} N={N} causal={causal} fwd+bwd {name}: {m}", flush=True)
+        for mode in args.modes:
+            for name in args.paths:
+                rec = {**key, "mode": mode, "path": name}
+                why = _limit(name, dname, D, N, args)
+                if (name, mode) in oom_at:
+                    why = f"not run (OOM at N={oom_at[(name, mode)]})"
+                if why:
+                    records.append({**rec, "error": why})
+                    continue
+                loss = _loss(PATHS[name], is_causal=causal)
+                print(f"D={D} {dname} N={N} causal={causal} {mode} {name} ...", flush=True)
+
+                def run(loss=loss, mode=mode, p=(q, k, v), u=u):
+                    return autodiff.hvp(loss, p, u, mode)
+
+                try:
+                    m = measure(run, device, repeats=reps)
+                except Exception as e:  # a path that cannot do this is a result
+                    records.append({**rec, "error": f"fails: {type(e).__name__}"})
+                    print(f"  fails: {e}", flush=True)
+                    continue
+                if "oom" in m:
+                    oom_at[(name, mode)] = N
+                records.append({**rec, **_ok(m)})
+                if "ms" in m:
+                    print(f"  {m['ms']:.2f} ms, {m['peak_mb']:.0f} MB", flush=True)
+        del q, k, v, u, do
+        torch.cuda.empty_cache()
 
 
-def _targets(summary: dict) -> str:
-    """The issue's targets at B=2, H=16, D=64, bf16: HVP at N=4096 ≤ 4× flash fwd+bwd time,
-    peak ≤ 3× flash fwd+bwd peak, N=32768 runs; measured against flash in the same run."""
-    if not any(key[:3] == (64, "bf16", 4096) for key in summary):
-        return "Targets (D=64, bf16, N=4096): not part of this run."
-    lines = ["Targets (D=64, bf16, N=4096; flash forward+backward measured in this run):", ""]
-    flash = summary.get((64, "bf16", 4096, "flash"))
-    for mode in ("rev_rev", "fwd_rev"):
-        ours = summary.get((64, "bf16", 4096, mode, "theria triton"))
-        math_ = summary.get((64, "bf16", 4096, mode, "SDPA math"))
-        if not (flash and ours and "ms" in flash):
-            lines.append(f"- {mode}: not measured")
-            continue
-        t, mem = ours["ms"] / flash["ms"], ours["peak_mb"] / max(flash["peak_mb"], 1e-9)
-        s = (
-            f"- {mode}: {ours['ms']:.2f} ms = {t:.2f}× flash fwd+bwd ({flash['ms']:.2f} ms; "
-            f"target ≤ 4×), peak {ours['peak_mb']:.0f} MB = {mem:.2f}× flash's "
-            f"{flash['peak_mb']:.0f} MB (target ≤ 3×)"
-        )
-        if math_:
-            s += f"; {math_['ms'] / ours['ms']:.1f}× faster than SDPA math ({math_['ms']:.1f} ms)"
-        big = summary.get((64, "bf16", 32768, mode, "theria triton"))
-        s += f"; N=32768: {big['ms']:.0f} ms" if big else "; N=32768: not run"
-        lines.append(s)
-    return "\n".join(lines)
+def _ok(m: dict[str, Any]) -> dict[str, Any]:
+    """`measure`'s result as record fields: an out-of-memory result becomes {"error": "OOM"}."""
+    return {"error": "OOM"} if "oom" in m else m
 
 
 if __name__ == "__main__":

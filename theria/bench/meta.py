@@ -41,6 +41,7 @@ from theria.bench.common import (
     Progress,
     _sync,
     command_line,
+    device_kernel_ms,
     environment,
     markdown_table,
     write_result,
@@ -191,18 +192,7 @@ def _time(step: Step, device: torch.device, warmup: int, repeats: int, budget_s:
 def _busy(step: Step, device: torch.device, wall_ms: float) -> float:
     """CUDA kernel time of one step (torch.profiler, CUDA activity only, so the host is not
     slowed by tracing) over the step's median wall time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    _sync(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        _sync(device)
-    kernel_us = sum(
-        e.self_device_time_total
-        for e in prof.key_averages()
-        if getattr(e, "device_type", None) is not None and "cuda" in str(e.device_type).lower()
-    )
-    return kernel_us / 1e3 / wall_ms
+    return device_kernel_ms(step, device) / wall_ms
 
 
 def _rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
