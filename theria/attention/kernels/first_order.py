@@ -54,7 +54,10 @@ try:  # the backend-neutral libdevice (Triton >= 3.0); older layouts kept it per
 except ImportError:  # pragma: no cover
     from triton.language.extra.cuda import libdevice
 
+from theria.attention.kernels import interpreter_compat
 from theria.attention.kernels.lse import load_lse, minus_lse
+
+interpreter_compat.apply()  # Triton < 3.7 under NumPy 2 (see that module)
 
 LOG2E = 1.4426950408889634  # log2(e) = 1/ln 2, so exp(x) = exp2(x·LOG2E)
 LN2 = 0.6931471805599453  # ln 2, so ln(x) = log2(x)·LN2
@@ -187,25 +190,26 @@ def _attn_fwd(
         v = tl.load(V + cols[:, None] * svn + offs_e[None, :] * svd,
                     mask=(cols[:, None] < S) & (offs_e[None, :] < EV), other=0.0)  # fmt: skip
         acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)  # (BM, BN) @ (BN, Dv)
+        # (BM, BN) @ (BN, Dv)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC, out_dtype=ACC)
         if JVP:
             if HAS_TQ or HAS_TK:
                 sd = tl.zeros([BLOCK_M, BLOCK_N], ACC)
                 if HAS_TQ:
-                    sd = tl.dot(tq, kT, sd, input_precision=PREC)  # Q̇ Kᵀ
+                    sd = tl.dot(tq, kT, sd, input_precision=PREC, out_dtype=ACC)  # Q̇ Kᵀ
                 if HAS_TK:
                     tkT = tl.load(TK + cols[None, :] * stkn + offs_d[:, None] * stkd,
                                   mask=col_ok & (offs_d[:, None] < E), other=0.0)  # fmt: skip
-                    sd = tl.dot(q, tkT, sd, input_precision=PREC)  # + Q K̇ᵀ
+                    sd = tl.dot(q, tkT, sd, input_precision=PREC, out_dtype=ACC)  # + Q K̇ᵀ
                 ps = p * (sd * t_scale)
                 mu_i = mu_i * alpha + tl.sum(ps, 1)
                 acc_a = acc_a * alpha[:, None]
-                acc_a = tl.dot(ps.to(v.dtype), v, acc_a, input_precision=PREC)
+                acc_a = tl.dot(ps.to(v.dtype), v, acc_a, input_precision=PREC, out_dtype=ACC)
             if HAS_TV:
                 tv_ptrs = TV + cols[:, None] * stvn + offs_e[None, :] * stvd
                 tv = tl.load(tv_ptrs, mask=(cols[:, None] < S) & (offs_e[None, :] < EV), other=0.0)
                 acc_b = acc_b * alpha[:, None]
-                acc_b = tl.dot(p.to(tv.dtype), tv, acc_b, input_precision=PREC)
+                acc_b = tl.dot(p.to(tv.dtype), tv, acc_b, input_precision=PREC, out_dtype=ACC)
         m_i = m_new
 
     empty = l_i == 0.0  # every key of the row masked
@@ -311,18 +315,19 @@ def _attn_fwd_jvp(
                         mask=(cols[:, None] < S) & (offs_e[None, :] < EV), other=0.0)  # fmt: skip
             sd = tl.zeros([BLOCK_M, BLOCK_N], ACC)
             if HAS_TQ:
-                sd = tl.dot(tq, kT, sd, input_precision=PREC)  # Q̇ Kᵀ
+                sd = tl.dot(tq, kT, sd, input_precision=PREC, out_dtype=ACC)  # Q̇ Kᵀ
             if HAS_TK:
                 tkT = tl.load(TK + cols[None, :] * stkn + offs_d[:, None] * stkd,
                               mask=col_ok & (offs_d[:, None] < E), other=0.0)  # fmt: skip
-                sd = tl.dot(q, tkT, sd, input_precision=PREC)  # + Q K̇ᵀ
+                sd = tl.dot(q, tkT, sd, input_precision=PREC, out_dtype=ACC)  # + Q K̇ᵀ
             ps = p * (sd * t_scale)
             mu += tl.sum(ps, 1)
-            acc_a = tl.dot(ps.to(v.dtype), v, acc_a, input_precision=PREC)  # (BM, BN) @ (BN, Dv)
+            # (BM, BN) @ (BN, Dv)
+            acc_a = tl.dot(ps.to(v.dtype), v, acc_a, input_precision=PREC, out_dtype=ACC)
         if HAS_TV:
             tv = tl.load(TV + cols[:, None] * stvn + offs_e[None, :] * stvd,
                          mask=(cols[:, None] < S) & (offs_e[None, :] < EV), other=0.0)  # fmt: skip
-            acc_b = tl.dot(p.to(tv.dtype), tv, acc_b, input_precision=PREC)
+            acc_b = tl.dot(p.to(tv.dtype), tv, acc_b, input_precision=PREC, out_dtype=ACC)
 
     o_ptrs = (row_base + offs_m[:, None]) * EV + offs_e[None, :]
     o_mask = row_ok & (offs_e[None, :] < EV)
@@ -411,11 +416,13 @@ def _attn_bwd_dkdv(
             pT = tl.where(row_ok, pT, 0.0)  # rows past L
         do = tl.load(DO + rows[:, None] * sdom + offs_e[None, :] * sdod,
                      mask=(rows[:, None] < L) & (offs_e[None, :] < EV), other=0.0)  # fmt: skip
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)  # (BN, BM) @ (BM, Dv)
+        # (BN, BM) @ (BM, Dv)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC, out_dtype=ACC)
         delta = tl.load(DELTA + row_base + rows, mask=rows < L, other=0.0)
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC, out_dtype=ACC)  # (BN, Dv) @ (Dv, BM)
         dsT = pT * (dpT - delta[None, :].to(ACC))
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PREC)  # (BN, BM) @ (BM, D)
+        # (BN, BM) @ (BM, D)
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PREC, out_dtype=ACC)
     dk = dk * tl.load(SCALE + 1).to(ACC)  # dK = scale·dSᵀ Q
     kv_base = pid_b.to(tl.int64) * S
     tl.store(DK + (kv_base + offs_n[:, None]) * E + offs_d[None, :], dk.to(DK.dtype.element_ty),
@@ -477,7 +484,8 @@ def _attn_bwd_dq(
         p = _exp(minus_lse(s, lse[:, None], lse_lo[:, None], LSE, ACC), NATURAL, ACCURATE)
         dp = tl.dot(do, vT, input_precision=PREC, out_dtype=ACC)  # (BM, Dv) @ (Dv, BN)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PREC)  # (BM, BN) @ (BN, D)
+        # (BM, BN) @ (BN, D)
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PREC, out_dtype=ACC)
     dq = dq * tl.load(SCALE + 1).to(ACC)  # dQ = scale·dS K
     tl.store(DQ + (row_base + offs_m[:, None]) * E + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok & (offs_d[None, :] < E))  # fmt: skip

@@ -51,11 +51,13 @@ from triton.runtime.errors import OutOfResources
 
 from theria._warnings import warn_once
 from theria.attention.contract import Problem, _broadcast
-from theria.attention.kernels import padded_head
+from theria.attention.kernels import interpreter_compat, padded_head
 from theria.attention.kernels import precision as _precision
 from theria.attention.kernels.launch import enabled as fast_launch_enabled
 from theria.attention.kernels.launch import launch, layout_key
 from theria.attention.kernels.lse import load_lse, minus_lse
+
+interpreter_compat.apply()  # Triton < 3.7 under NumPy 2 (see that module)
 
 MAX_HEAD_DIM = 256
 # `backward_jvp` takes the tangents of out and lse (o_dot, mu) when the caller has them.
