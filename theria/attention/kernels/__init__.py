@@ -10,6 +10,8 @@ checks, allocates and launches them.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 MAX_HEAD_DIM = 128  # widest E or Ev the first-order kernels take (wider: blockwise code)
@@ -36,6 +38,30 @@ def precision(dtype: torch.dtype, block_e: int) -> str:
     keep IEEE dots: the second-order tf32x3 tiles overflow the shared memory at 128. Shared by
     the first- and second-order kernels.
     float64 (the interpreter's checks) is IEEE; for 16-bit inputs the option does not apply."""
-    if dtype == torch.float64 or (dtype == torch.float32 and block_e > TF32X3_MAX_HEAD):
+    if dtype == torch.float64:
         return "ieee"
-    return "tf32x3" if dtype == torch.float32 else "tf32"
+    if dtype == torch.float32:
+        return _FP32_DOTS[0] if block_e <= TF32X3_MAX_HEAD else _FP32_DOTS[1]
+    return "tf32"
+
+
+# float32 dot schemes (heads ≤ 64, wider heads). The environment variables THERIA_FP32_DOTS
+# and THERIA_FP32_WIDE_DOTS override them, read once at import, for measuring other schemes
+# (Triton's "bf16x3" / "bf16x6" split each operand into bf16 pieces); the interpreter, whose
+# dots are numpy float32 products whatever the option, accepts only tf32x3 and ieee.
+_SCHEMES = ("tf32x3", "ieee", "bf16x3", "bf16x6")
+
+
+def _fp32_dots() -> tuple[str, str]:
+    got = []
+    for name, default in (("THERIA_FP32_DOTS", "tf32x3"), ("THERIA_FP32_WIDE_DOTS", "ieee")):
+        value = os.environ.get(name, default)
+        if value not in _SCHEMES:
+            raise ValueError(f"{name}={value!r}: expected one of {_SCHEMES}")
+        if os.environ.get("TRITON_INTERPRET") == "1" and value.startswith("bf16"):
+            value = "tf32x3"
+        got.append(value)
+    return got[0], got[1]
+
+
+_FP32_DOTS = _fp32_dots()
