@@ -234,3 +234,27 @@ def test_overhead_suite_runs_on_the_cpu(tmp_path) -> None:
         if path == overhead.REFERENCE[mode]:
             assert cells[5] == "1.00"
     assert "Reproduce: `python -m theria.bench overhead --device cpu --dtype fp32" in text
+
+
+def test_same_dtype_yardstick_is_sdpa_in_that_dtype() -> None:
+    """The 2× rule's peer: equal to PyTorch's SDPA in float64 (masks, causal, GQA), and in
+    bf16 computed in bf16 (its error above that of theria's upcasting reference backend)."""
+    import torch.nn.functional as F
+
+    import theria
+    from theria.bench.common import same_dtype_sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 33, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 40, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    m = torch.rand(33, 40, generator=g) > 0.3
+    for kw in ({}, {"is_causal": True}, {"attn_mask": m}):
+        got = same_dtype_sdpa(q, k, v, enable_gqa=True, **kw)
+        want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    x = [t.bfloat16() for t in (q, k, v)]
+    exact = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    low = same_dtype_sdpa(*x, enable_gqa=True)
+    up = theria.sdpa(*x, enable_gqa=True, backend="reference")
+    assert low.dtype == torch.bfloat16
+    assert (low.double() - exact).abs().max() > (up.double() - exact).abs().max()

@@ -20,11 +20,20 @@ from theria.attention.contract import Problem, mask_scores
 
 
 def reference_attention(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, problem: Problem
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    problem: Problem,
+    upcast: bool = True,
 ) -> Tensor:
     """Attention on canonical inputs (see `contract.canonicalize`): q (*B, L, E), k (*B, S, E),
-    v (*B, S, Ev), with batch dims that broadcast; returns (*B, L, Ev)."""
-    if q.dtype in (torch.float16, torch.bfloat16):
+    v (*B, S, Ev), with batch dims that broadcast; returns (*B, L, Ev).
+
+    upcast=False computes 16-bit inputs in their own dtype (every op rounds to it): the
+    "same-dtype computation" whose error the 2× accuracy rule allows twice over
+    (`theria.bench.common.same_dtype_sdpa`)."""
+    if upcast and q.dtype in (torch.float16, torch.bfloat16):
         m = mask.float() if mask is not None and mask.is_floating_point() else mask
         return reference_attention(q.float(), k.float(), v.float(), m, problem).to(q.dtype)
     s = (

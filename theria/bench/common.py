@@ -27,6 +27,7 @@ __all__ = [
     "markdown_table",
     "measure",
     "ratios",
+    "same_dtype_sdpa",
     "target_cells",
     "write_result",
 ]
@@ -270,3 +271,25 @@ def command_line(
         else:
             parts.append(f"{flag} {shlex.quote(str(value))}")
     return " ".join(parts)
+
+
+def same_dtype_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """Attention composed of plain torch ops in the inputs' dtype, differentiable to any order:
+    the yardstick of the 2× accuracy rule ("error against float64 at most twice that of the
+    same computation in the same dtype", as flash-attention's tests take it with their
+    reference's upcast=False). Neither theria's `reference` backend (it computes 16-bit inputs
+    in float32) nor PyTorch's math SDPA on CUDA (torch 2.11 computes 16-bit inputs in float32
+    too: its bf16 error equals the output's rounding) is such a computation. Shapes as
+    `F.scaled_dot_product_attention`."""
+    from theria.attention.contract import canonicalize
+    from theria.attention.reference import reference_attention
+
+    c = canonicalize(q, k, v, attn_mask, 0.0, is_causal, None, enable_gqa, 64)
+    return c.restore(reference_attention(c.q, c.k, c.v, c.mask, c.problem, upcast=False))

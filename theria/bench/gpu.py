@@ -11,7 +11,8 @@ head dims 40/72/96/128, causal, key-padding / dense boolean / additive masks, GQ
 output, the VJP (dQ, dK, dV) and the JVP (two-pass `torch.func.jvp` and the fused
 `triton_impl.sdpa_jvp`) the error against a float64 reference (the `reference` backend on the
 same rounded inputs, upcast) must be at most 2× the error of PyTorch's same-dtype computation
-(the `reference` backend in that dtype) — the rule flash-attention's tests use. The check runs
+(torch ops in that dtype, `bench.common.same_dtype_sdpa`) — the rule flash-attention's tests
+use. The check runs
 with THERIA_TRITON_AUTOTUNE=0 (each kernel's first tile config), so that it does not autotune
 every odd shape; the timed runs autotune, and their forward output is compared with SDPA flash's.
 
@@ -74,6 +75,7 @@ from theria.bench.common import (
     markdown_table,
     measure,
     ratios,
+    same_dtype_sdpa,
     target_cells,
     write_result,
 )
@@ -127,7 +129,10 @@ def _all_outputs(backend: str, q, k, v, tangents, do, kw) -> dict[str, torch.Ten
     if backend == "reference" and kw["attn_mask"] is not None and prim[0].dtype == torch.float64:
         kw = dict(kw, attn_mask=kw["attn_mask"] if kw["attn_mask"].dtype == torch.bool
                   else kw["attn_mask"].double())  # fmt: skip
-    f = lambda q, k, v: theria.sdpa(q, k, v, backend=backend, **kw)  # noqa: E731
+    if backend == "same dtype":  # the 2× rule's yardstick (bench.common.same_dtype_sdpa)
+        f = lambda q, k, v: same_dtype_sdpa(q, k, v, **kw)  # noqa: E731
+    else:
+        f = lambda q, k, v: theria.sdpa(q, k, v, backend=backend, **kw)  # noqa: E731
     out = f(*prim)
     dq, dk, dv = torch.autograd.grad(out, prim, do.to(out.dtype))
     res = {"out": out.detach(), "dq": dq, "dk": dk, "dv": dv}
@@ -145,7 +150,7 @@ def _check_case(case: tuple, device: torch.device) -> list[list[Any]]:
     q, k, v, tangents, do, kw = _case_inputs(case, device)
     up = lambda x: x.double()  # noqa: E731
     ref = _all_outputs("reference", up(q), up(k), up(v), tuple(map(up, tangents)), up(do), kw)
-    same = _all_outputs("reference", q, k, v, tangents, do, kw)
+    same = _all_outputs("same dtype", q, k, v, tangents, do, kw)
     tri = _all_outputs("triton", q, k, v, tangents, do, kw)
     for name, t in tri.items():
         r = ref["jvp" if name == "fused jvp" else name]
