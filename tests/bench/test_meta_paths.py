@@ -45,6 +45,9 @@ def test_meta_bench_table(tmp_path, capsys):
         == f"python -m theria.bench meta-paths {line}"
     )
     assert line.startswith("--device cpu --seq-lens 24 --dim 16 --depth 1 --heads 2")
+    out = capsys.readouterr().out  # progress with an ETA, one line per (L, algorithm, path)
+    n = 2 * len(meta._parser().parse_args([]).paths)
+    assert f"[bench meta-paths {n}/{n}] L=24 imaml" in out and "ETA" in out, out[-2000:]
 
 
 def test_command_line_names_every_changed_flag() -> None:

@@ -34,6 +34,7 @@ import torch
 
 from theria.algos import IMAML, MAML
 from theria.bench.common import (
+    Progress,
     command_line,
     environment,
     markdown_table,
@@ -202,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     summary: dict[tuple, dict[str, float]] = {}
     truths: dict[tuple[int, str], str] = {}
     checks: list[str] = []
+    progress = Progress(len(args.seq_lens) * len(args.algos) * len(args.paths), "bench meta-paths")
     for seq_len in args.seq_lens:
         sampler = MarkovChainTasks(
             vocab_size=args.vocab, seq_len=seq_len, k_shot=args.shots, k_query=args.shots
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
             for path in sorted(args.paths, key=lambda p: p != "reference"):  # reference first
                 model = _model(cfg, path, device, dtype)
                 params = algo.init_params(model)
-                print(f"L={seq_len} {algo_name} {path} ...", flush=True)
+                progress.step(f"L={seq_len} {algo_name} {path}")
                 last = {}
 
                 def step(a=algo, mo=model, p=params, t=tasks, last=last):
