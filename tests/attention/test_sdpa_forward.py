@@ -245,12 +245,16 @@ def test_triton_backend_sends_batches_beyond_the_grid_to_blockwise_code() -> Non
     assert triton_impl._unsupported(q[:256], k, k) is not None
 
 
-def test_explicit_triton_warns_where_auto_avoids_it() -> None:
+def test_explicit_triton_warns_where_auto_avoids_it(monkeypatch) -> None:
+    from theria.attention import kernels
     from theria.attention.api import _slow_triton
 
+    monkeypatch.setattr(kernels, "_FP32_DOTS", ("tf32x3", "ieee"))
     msg = _slow_triton(torch.float32, 72, True)
     assert msg is not None and "head dim 72" in msg and "backend='torch'" in msg
     assert _slow_triton(torch.float32, 64, True) is None  # tf32x3: fast
     assert _slow_triton(torch.bfloat16, 128, True) is None
     assert _slow_triton(torch.float32, 128, False) is None  # the interpreter: speed is moot
     assert _slow_triton(torch.float32, 129, True) is None  # blockwise code: not the kernels
+    monkeypatch.setattr(kernels, "_FP32_DOTS", ("tf32x3", "bf16x6"))  # THERIA_FP32_WIDE_DOTS
+    assert _slow_triton(torch.float32, 72, True) is None  # not IEEE dots: no such warning

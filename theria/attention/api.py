@@ -13,7 +13,13 @@ from theria._warnings import warn_once
 from theria.attention import blockwise
 from theria.attention.contract import canonicalize
 from theria.attention.function import attention
-from theria.attention.kernels import MAX_GRID_BATCH, MAX_HEAD_DIM, TF32X3_MAX_HEAD, padded_head
+from theria.attention.kernels import (
+    MAX_GRID_BATCH,
+    MAX_HEAD_DIM,
+    TF32X3_MAX_HEAD,
+    padded_head,
+    precision,
+)
 from theria.attention.reference import reference_attention
 
 Backend = Literal["auto", "reference", "torch", "triton"]
@@ -69,6 +75,8 @@ def _slow_triton(dtype: torch.dtype, head_dim: int, is_cuda: bool) -> str | None
     slow (float32 heads of 65-128 on CUDA: IEEE dots), else None."""
     padded = padded_head(head_dim)
     if not is_cuda or dtype != torch.float32 or not TF32X3_MAX_HEAD < padded <= MAX_HEAD_DIM:
+        return None
+    if precision(dtype, padded) != "ieee":  # THERIA_FP32_WIDE_DOTS chose another scheme
         return None
     return (
         f"theria.sdpa(backend='triton'): float32 with head dim {head_dim} (> 64) runs IEEE "
