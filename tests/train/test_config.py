@@ -30,7 +30,14 @@ def options(group: str) -> list[str]:
 
 
 def test_primary_defaults_order() -> None:
-    defaults = OmegaConf.load(CONF_DIR / "config.yaml").defaults
+    entries = OmegaConf.load(CONF_DIR / "config.yaml").defaults
+    # Hydra's own `override hydra/...` entries must come last; the groups' order is before them
+    defaults = [
+        d
+        for d in entries
+        if not (hasattr(d, "keys") and str(next(iter(d))).startswith("override "))
+    ]
+    assert len(defaults) == len(entries) - 1  # the job_logging override
     assert defaults[0] == "_self_"
     assert list(defaults[-2]) == ["experiment"] and defaults[-2].experiment is None
     assert list(defaults[-1]) == ["debug"] and defaults[-1].debug is None
@@ -137,3 +144,20 @@ def test_appended_unknown_key_is_refused(override) -> None:
     cfg = compose_config([override])
     with pytest.raises(ConfigError, match=rf"unknown config keys \['{key}'\]"):
         check_config(cfg)
+
+
+def test_job_logging_writes_no_file() -> None:
+    """theria prints rather than logs: Hydra's job logging goes to stdout only, so a run folder
+    gets no empty `__main__.log` (issue 18)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from theria.config import register_configs
+    from theria.train import CONF_DIR
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True)
+    handlers = cfg.hydra.job_logging.handlers
+    assert "file" not in handlers and set(handlers) == {"console"}, handlers

@@ -23,6 +23,7 @@ def test_joblib_sweep_then_report(tmp_path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     jobs = sorted(sweep.glob("*/results.json"))
     assert len(jobs) == 4
+    assert not list(sweep.glob("**/*.log"))  # no empty __main__.log per job (job_logging)
     assert {tuple(json.loads(j.read_text())["overrides"][:2]) for j in jobs} >= {
         ("debug=fast", "logger=none")
     }
