@@ -36,7 +36,8 @@ def precision(dtype: torch.dtype, block_e: int) -> str:
     on an H100, and their long FMA chains put the float32 JVP past the 2× rule there
     (experiments/results/triton_first_order_h100.md, triton_hvp_h100.md). Wider float32 heads
     keep IEEE dots: the second-order tf32x3 tiles overflow the shared memory at 128. Shared by
-    the first- and second-order kernels.
+    the first- and second-order kernels. Those are the defaults; THERIA_FP32_DOTS and
+    THERIA_FP32_WIDE_DOTS choose others for measurements (below).
     float64 (the interpreter's checks) is IEEE; for 16-bit inputs the option does not apply."""
     if dtype == torch.float64:
         return "ieee"
