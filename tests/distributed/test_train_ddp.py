@@ -20,9 +20,10 @@ from theria.train.build import check_config
 from theria.train.checkpoint import CHECKPOINT, load_checkpoint
 
 SEED = 0
+# device=cpu: gloo ranks on the CPU, also where a GPU exists (two NCCL ranks cannot share one)
 OVERRIDES = ["debug=fast", "dtype=float64", "meta_batch=4", "task.k_shot=5", "task.k_query=5",
              "model.hidden=[16,16]", "logger=none", f"seed={SEED}", "threads=1",
-             "device=cpu"]  # fmt: skip  (gloo ranks on the CPU, also where a GPU exists)
+             "device=cpu"]  # fmt: skip
 # Same argument as tests/distributed/test_data_parallel.py (reordered float64 sums); these
 # MLP parameters all have gradients far from 0, so Adam's normalization does not amplify it
 RTOL, ATOL = 1e-10, 1e-13
