@@ -243,15 +243,14 @@ def test_torch_backend_meets_2x_rule_at_scale_100() -> None:
     assert all(o <= 2 * m + 1e-7 for o, m in zip(ours, math, strict=True)), (ours, math)
 
 
-# The Triton kernels keep a float64 lse for float32 inputs and subtract it as hi + lo
-# (theria/attention/kernels/lse.py), yet do not meet the 2× rule at scale 10 (docs/CONTRACT.md,
-# "Accuracy at large logits"). Bounds pinned from measurements at E=8, scale=10, seed 0:
-# - CUDA (H200, tf32x3 dots): worst 2.76× the math path (the gradient w.r.t. V; summed over
-#   three seeds 2.50×; every other quantity ≤ 1.3×) -> 3×.
-# - the interpreter (numpy float32 products, whose rounding depends on the tile's shape and
-#   orientation, so a recomputed score is not the forward's bit for bit): 9.1× (rev-rev HVP
-#   w.r.t. V) -> 12×.
-TRITON_LARGE_LOGIT_BOUND = {"cuda": 3.0, "interpreter": 12.0}
+# The Triton kernels keep a float64 lse for float32 inputs and subtract it as hi + lo, and round
+# the scaled scores once (theria/attention/kernels/lse.py: a multiply fused into the lse
+# subtraction had made the recomputed P inconsistent with the forward's lse, 2.5× the math
+# path's error at scale 10 on an H200). On CUDA they meet the 2× rule like the torch backend.
+# Under the interpreter numpy's float32 matmul rounds a tile's products differently by its
+# shape and orientation, so a recomputed score is not the forward's bit for bit: measured at
+# E=8, scale=10, seed 0: 9.1× (rev-rev HVP w.r.t. V) -> bound 12×.
+TRITON_LARGE_LOGIT_BOUND = {"cuda": 2.0, "interpreter": 12.0}
 
 
 @pytest.mark.slow
@@ -265,11 +264,16 @@ def test_triton_large_logit_error_within_documented_bound() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_large_logit_accuracy_on_cuda(backend) -> None:
-    """The same check on a GPU (tf32x3 dots for the float32 kernels): the torch backend by the
-    2× rule, the kernels by their documented bound. Prints the factors for the record."""
-    ours, math = _hvp_errors(backend, 10.0, 0, device="cuda")
+@pytest.mark.parametrize("scale", [1.0, 10.0])
+def test_large_logit_accuracy_on_cuda(backend, scale) -> None:
+    """The 2× rule on a GPU (tf32x3 dots for the float32 kernels), errors of seeds 0-2 summed
+    as in the CPU test. Prints the factors for the record."""
+    ours, math = [0.0] * 9, [0.0] * 9
+    for seed in range(3):
+        a, b = _hvp_errors(backend, scale, seed, device="cuda")
+        ours = [x + y for x, y in zip(ours, a, strict=True)]
+        math = [x + y for x, y in zip(math, b, strict=True)]
     factors = [round(o / m, 2) for o, m in zip(ours, math, strict=True)]
-    print(f"{backend}: error / math-path error per (mode, input): {factors}")
+    print(f"{backend} scale {scale}: error / math-path error per (mode, input): {factors}")
     bound = 2.0 if backend == "torch" else TRITON_LARGE_LOGIT_BOUND["cuda"]
     assert all(o <= bound * m + 3e-7 for o, m in zip(ours, math, strict=True)), factors

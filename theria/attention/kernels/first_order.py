@@ -55,7 +55,7 @@ except ImportError:  # pragma: no cover
     from triton.language.extra.cuda import libdevice
 
 from theria.attention.kernels import interpreter_compat
-from theria.attention.kernels.lse import load_lse, minus_lse
+from theria.attention.kernels.lse import load_lse, minus_lse, scale_scores
 
 interpreter_compat.apply()  # Triton < 3.7 under NumPy 2 (see that module)
 
@@ -179,7 +179,7 @@ def _attn_fwd(
         col_ok = cols[None, :] < S
         kT = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd,
                      mask=col_ok & (offs_d[:, None] < E), other=0.0)  # fmt: skip
-        s = tl.dot(q, kT, input_precision=PREC, out_dtype=ACC) * qk_scale  # (BM, D) @ (D, BN)
+        s = scale_scores(tl.dot(q, kT, input_precision=PREC, out_dtype=ACC), qk_scale, q.dtype)
         s = _mask_scores(s, offs_m[:, None], cols[None, :], MASK, smm, smn, L, S,
                          RLN, MASK_KIND, IS_CAUSAL, EVEN_N)  # fmt: skip
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -306,7 +306,7 @@ def _attn_fwd_jvp(
         col_ok = cols[None, :] < S
         kT = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd,
                      mask=col_ok & (offs_d[:, None] < E), other=0.0)  # fmt: skip
-        s = tl.dot(q, kT, input_precision=PREC, out_dtype=ACC) * qk_scale  # (BM, D) @ (D, BN)
+        s = scale_scores(tl.dot(q, kT, input_precision=PREC, out_dtype=ACC), qk_scale, q.dtype)
         s = _mask_scores(s, offs_m[:, None], cols[None, :], MASK, smm, smn, L, S,
                          RLN, MASK_KIND, IS_CAUSAL, EVEN_N)  # fmt: skip
         p = _exp(minus_lse(s, lse[:, None], lse_lo[:, None], LSE, ACC), NATURAL, ACCURATE)
@@ -408,7 +408,7 @@ def _attn_bwd_dkdv(
         qT = tl.load(Q + rows[None, :] * sqm + offs_d[:, None] * sqd,
                      mask=row_ok & (offs_d[:, None] < E), other=0.0)  # fmt: skip
         lse, lse_lo = load_lse(LSE, row_base + rows, rows < L, RLN, ACC)
-        sT = tl.dot(k, qT, input_precision=PREC, out_dtype=ACC) * qk_scale  # (BN, D) @ (D, BM)
+        sT = scale_scores(tl.dot(k, qT, input_precision=PREC, out_dtype=ACC), qk_scale, k.dtype)
         sT = _mask_scores(sT, rows[None, :], offs_n[:, None], MASK, smm, smn, L, S,
                           RLN, MASK_KIND, IS_CAUSAL, True)  # fmt: skip
         pT = _exp(minus_lse(sT, lse[None, :], lse_lo[None, :], LSE, ACC), NATURAL, ACCURATE)
@@ -478,7 +478,7 @@ def _attn_bwd_dq(
                      mask=col_ok & (offs_d[:, None] < E), other=0.0)  # fmt: skip
         vT = tl.load(V + cols[None, :] * svn + offs_e[:, None] * svd,
                      mask=col_ok & (offs_e[:, None] < EV), other=0.0)  # fmt: skip
-        s = tl.dot(q, kT, input_precision=PREC, out_dtype=ACC) * qk_scale  # (BM, D) @ (D, BN)
+        s = scale_scores(tl.dot(q, kT, input_precision=PREC, out_dtype=ACC), qk_scale, q.dtype)
         s = _mask_scores(s, offs_m[:, None], cols[None, :], MASK, smm, smn, L, S,
                          RLN, MASK_KIND, IS_CAUSAL, EVEN_N)  # fmt: skip
         p = _exp(minus_lse(s, lse[:, None], lse_lo[:, None], LSE, ACC), NATURAL, ACCURATE)

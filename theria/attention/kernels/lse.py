@@ -13,12 +13,42 @@ s − hi is exact where it matters (Sterbenz: s within a factor of 2 of hi, i.e.
 entries of P), so P carries the rounding error of |s − lse|, as the math path's
 exp(s − max) does, not of |lse|. The `torch` backend does the same (`blockwise._safe`).
 16-bit inputs keep a float32 lse (their own rounding dominates); float64 needs no split.
+
+That argument needs the recomputed s to be the forward's s bit for bit, and the scaled score
+`dot · scale` is where it was lost: ptxas contracts a multiply followed by a subtraction into
+one fused multiply-add, so a pass that subtracts lse right after scaling computes
+fma(dot, scale, −hi), the unrounded product, while the forward rounded the product before
+taking its row max. For the dominant entry of a row that is an error of ulp(|s|)/2 in P
+(≈ 4e-6 at |s| ≈ 100): the gradient w.r.t. V had 2.5× the math path's float32 error at
+E = 8, scale = 10 on an H200, whatever the dot scheme (IEEE dots included). `scale_scores`
+rounds the product once, explicitly, for float32 and float64 on CUDA; the interpreter (numpy)
+never contracts, and 16-bit inputs keep the fused form (their rounding dominates).
 """
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+
+try:  # the backend-neutral libdevice (Triton >= 3.0); older layouts kept it per backend
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover
+    from triton.language.extra.cuda import libdevice
+
+# The interpreter has no libdevice.mul_rn (and no contraction to prevent).
+_ROUND_ON_DEVICE: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+
+
+@triton.jit
+def scale_scores(x, scale, IN_DTYPE: tl.constexpr):
+    """x · scale for a tile of raw dot products of inputs of IN_DTYPE, rounded once (never
+    fused into a later subtraction) for float32 / float64 inputs on CUDA: see above."""
+    if _ROUND_ON_DEVICE and (IN_DTYPE == tl.float32 or IN_DTYPE == tl.float64):  # noqa: SIM300
+        return libdevice.mul_rn(x, scale)
+    else:
+        return x * scale
 
 
 @triton.jit

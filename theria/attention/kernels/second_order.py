@@ -55,7 +55,7 @@ from theria.attention.kernels import interpreter_compat, padded_head
 from theria.attention.kernels import precision as _precision
 from theria.attention.kernels.launch import enabled as fast_launch_enabled
 from theria.attention.kernels.launch import launch, layout_key
-from theria.attention.kernels.lse import load_lse, minus_lse
+from theria.attention.kernels.lse import load_lse, minus_lse, scale_scores
 
 interpreter_compat.apply()  # Triton < 3.7 under NumPy 2 (see that module)
 
@@ -202,7 +202,7 @@ def _probs(
     """P = exp(scale·q kᵀ + mask − lse) for one (BLOCK_M, BLOCK_N) tile (transposed when T);
     0 where masked or outside the (L, S) problem. `lse`, `lse_lo`: the saved logsumexp as
     `kernels.lse.load_lse` reads it (hi + lo, −inf of empty rows set to 0); LSE its pointer."""
-    s = _outer(q, k, T, PREC, ACC) * scale
+    s = scale_scores(_outer(q, k, T, PREC, ACC), scale, q.dtype)
     rows, cols = _rows(offs_m, T), _cols(offs_n, T)
     keep = (rows < L) & (cols < S)
     if CAUSAL:
