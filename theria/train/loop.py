@@ -18,6 +18,7 @@ Read `train()` top to bottom; each numbered section is a named step below it:
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import random
@@ -581,6 +582,9 @@ def train(
     meta-gradient."""
     # 1. set-up: config, devices, data, model, algorithm, optimizer; resume
     started_at, t_start = now_iso(), time.perf_counter()
+    # An earlier run in this process (a sweep's job, an experiment script's loop) can leave
+    # reference cycles holding device memory; free them so this run's peak is its own.
+    gc.collect()
     r = _setup(cfg, run_dir)
     r.started_at, r.t_start = started_at, t_start
     r.tb_label = tboard.label(_overrides(), cfg.name, tboard.sweep_keys())
