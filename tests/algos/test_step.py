@@ -135,8 +135,7 @@ def test_cuda_graph_non_finite_step_is_reported_by_check() -> None:
 def test_metasteps_one_after_another_leave_no_device_memory() -> None:
     """A sweep's jobs (or an experiment script's runs) build a MetaStep each in one process;
     what one leaves allocated after it is dropped must not grow from one to the next (each
-    warm-up once took a new side stream, and cuBLAS kept 32 MiB per stream: +128 MiB per run
-    on an H200)."""
+    warm-up once took a new side stream: +128 MiB allocated per run on an H200)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     import gc

@@ -85,9 +85,10 @@ _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
     """The process's one side stream per device for the eager warm-up steps before capture.
-    A new stream per step (or per MetaStep) leaks: cuBLAS keeps a workspace per stream it ran
-    on for the life of the process (32 MiB on Hopper), so in-process runs accumulated 128 MiB
-    each on an H200 (experiments/exp_omniglot.py's peaks grew run by run)."""
+    A new stream per warm-up step leaked: 128 MiB stayed allocated after every in-process run
+    on an H200, not freed by gc, no graph or MetaStep alive (experiments/exp_omniglot.py's
+    peaks grew run by run) — what cuBLAS's per-stream workspaces, kept for the life of the
+    process, would do. One stream bounds that to one set."""
     device = torch.device(device)
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -203,6 +204,8 @@ class MetaStep:
             self._counter = torch.zeros(1, dtype=torch.long, device=self.device)
         self._counter.fill_(self.steps_done)
         if self._seen.get(key, 0) < self.warmup:  # eager, on a side stream, as for capture
+            if not self._seen:  # the side stream is shared: let no other step's work be pending
+                torch.cuda.synchronize(self.device)
             self._seen[key] = self._seen.get(key, 0) + 1
             side = _side_stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))

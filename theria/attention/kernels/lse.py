@@ -15,13 +15,16 @@ exp(s − max) does, not of |lse|. The `torch` backend does the same (`blockwise
 16-bit inputs keep a float32 lse (their own rounding dominates); float64 needs no split.
 
 That argument needs the recomputed s to be the forward's s bit for bit, and the scaled score
-`dot · scale` is where it was lost: ptxas contracts a multiply followed by a subtraction into
-one fused multiply-add, so a pass that subtracts lse right after scaling computes
-fma(dot, scale, −hi), the unrounded product, while the forward rounded the product before
-taking its row max. For the dominant entry of a row that is an error of ulp(|s|)/2 in P
-(≈ 4e-6 at |s| ≈ 100): the gradient w.r.t. V had 2.5× the math path's float32 error at
-E = 8, scale = 10 on an H200, whatever the dot scheme (IEEE dots included). `scale_scores`
-rounds the product once, explicitly, for float32 and float64 on CUDA; the interpreter (numpy)
+`dot · scale` is where it was lost: the compiler (LLVM's NVPTX backend; Triton's default
+`enable_fp_fusion`) contracts a multiply followed by a subtraction into one fused
+multiply-add, so a pass that subtracts lse right after scaling computes fma(dot, scale, −hi),
+the unrounded product. The forward took its row max of the rounded product whenever a select
+stood between the multiply and the subtraction (the masking of a ragged key block), while the
+dK/dV pass, which masks nothing there, fused. For the dominant entry of a row that is an
+error of ulp(|s|)/2 in P (≈ 4e-6 at |s| ≈ 100): the gradient w.r.t. V had 2.5× the math
+path's float32 error at E = 8, scale = 10, L = S = 33 on an H200, with IEEE, tf32x3 and
+bf16x6 dots alike. `scale_scores` rounds the product once, explicitly, for float32 and
+float64 on CUDA (also the score tangent Ṡ, from which μ is subtracted); the interpreter (numpy)
 never contracts, and 16-bit inputs keep the fused form (their rounding dominates).
 """
 

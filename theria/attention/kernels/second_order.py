@@ -237,7 +237,7 @@ def _score_tangent(
             sd += _outer(q, tk, T, PREC, ACC)
     else:
         sd = _outer(q, tk, T, PREC, ACC)
-    return sd * scale
+    return scale_scores(sd, scale, q.dtype)  # rounded: Ṡ − μ must not fuse (kernels/lse.py)
 
 
 @triton.jit
