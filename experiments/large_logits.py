@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.attention.test_bad_input import _hvp_errors  # noqa: E402
+from tests.attention.test_bad_input import summed_errors  # noqa: E402
 from theria._environment import environment  # noqa: E402
 
 NAMES = [f"{m} d{t}" for m in ("grad", "rev-rev", "fwd-rev") for t in "qkv"]
@@ -41,11 +41,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for backend in args.backends:
         for scale in args.scales:
-            ours, math = [0.0] * 9, [0.0] * 9
-            for seed in args.seeds:
-                a, b = _hvp_errors(backend, scale, seed, device=args.device)
-                ours = [x + y for x, y in zip(ours, a, strict=True)]
-                math = [x + y for x, y in zip(math, b, strict=True)]
+            ours, math = summed_errors(backend, scale, args.seeds, args.device)
             ratios = [o / m for o, m in zip(ours, math, strict=True)]
             worst = max(range(9), key=lambda i: ratios[i])
             rows.append((backend, scale, ratios, worst))
