@@ -19,6 +19,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from theria._engine import calling_thread
+
 Tree = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
 HvpMode = Literal["rev_rev", "fwd_rev"]
 
@@ -69,6 +71,7 @@ def _check_like(primals: list[Tensor], tangents: list[Tensor], name: str) -> Non
             raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}, its primal {tuple(p.shape)}")
 
 
+@calling_thread
 def grad(fn: Callable[..., Tensor], primals: Tree, create_graph: bool = False) -> Any:
     """∇f at primals, with the structure of primals. With `create_graph`, primals that already
     require grad are differentiated as they are, so the gradient stays connected to them."""
@@ -95,6 +98,7 @@ def _load_jvp_decompositions() -> None:
         from torch._decomp import decompositions_for_jvp  # noqa: F401
 
 
+@calling_thread
 def hvp(fn: Callable[..., Tensor], primals: Tree, tangents: Tree, mode: HvpMode = "rev_rev") -> Any:
     """Hessian of the scalar `fn` at `primals` applied to `tangents` (same structure)."""
     flat, unflatten = _flatten(primals)

@@ -29,6 +29,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from theria import autodiff
+from theria._engine import calling_thread
 from theria.algos.common import (
     Batching,
     MetaStepResult,
@@ -221,6 +222,7 @@ class IMAML:
         stats = summarize(losses, per)
         return MetaStepResult(stats["query_loss"], {k: v.mean(0) for k, v in x.items()}, stats)
 
+    @calling_thread
     def __call__(self, model: nn.Module, params: Params, tasks: Episode) -> MetaStepResult:
         check_inputs(model, params, tasks)
         extra = sorted(set(params) - {k for k, _ in model.named_parameters()})

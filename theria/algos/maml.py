@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from theria._engine import calling_thread
 from theria._warnings import warn_once
 from theria.algos.common import (
     Batching,
@@ -169,6 +170,7 @@ class MAML:
         stats = summarize(losses, per)
         return MetaStepResult(stats["query_loss"], grads, stats)
 
+    @calling_thread
     def __call__(self, model: nn.Module, params: Params, tasks: Episode) -> MetaStepResult:
         check_inputs(model, params, tasks)
         if self.learn_inner_lr:

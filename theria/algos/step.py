@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from theria._engine import calling_thread
 from theria._warnings import warn_once
 from theria.algos.common import MetaStepResult, Params
 from theria.tasks.episode import Episode
@@ -148,6 +149,7 @@ class MetaStep:
         """Whether steps are (to be) captured."""
         return self.why_eager is None
 
+    @calling_thread
     def _compute(self, tasks: Episode, counter: Tensor | None) -> dict[str, Tensor]:
         result = self.algo(self.model, self.params, tasks)
         if self.reduce is not None:

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from theria._engine import calling_thread
 from theria.algos import IMAML, LR_PREFIX, MAML, Params
 from theria.algos.common import set_loss
 from theria.tasks import Episode, TaskSampler
@@ -76,6 +77,7 @@ def adapt(
 
 
 @torch.no_grad()
+@calling_thread
 def evaluate_tasks(
     algo: MAML | IMAML, model: nn.Module, params: Params, tasks: Episode, steps: int
 ) -> dict[str, Tensor]:
@@ -97,6 +99,7 @@ def evaluate_tasks(
     return {k: torch.stack(v).double().cpu() for k, v in out.items()}
 
 
+@calling_thread
 def evaluate(
     algo: MAML | IMAML,
     model: nn.Module,
@@ -129,6 +132,7 @@ def evaluate(
 
 
 @torch.no_grad()
+@calling_thread
 def adaptation_curve(
     model: nn.Module, params: Params, tasks: Episode, lr: float, steps: int
 ) -> Tensor:

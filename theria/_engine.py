@@ -1,0 +1,37 @@
+"""Where autograd runs theria's backward passes: on the calling thread.
+
+PyTorch's autograd engine hands the backward of a CUDA graph to a per-device worker thread by
+default. For an operator whose backward is Python (every `torch.autograd.Function`, theria's
+attention among them) that hand-off was measured at ~0.6 ms per forward + backward on an H200
+host (torch 2.11): 1040 µs against 399 µs for the same call with
+`torch.autograd.set_multithreading_enabled(False)` at a size whose GPU work is ~10 µs
+(experiments/results/host_overhead_h200.md). The worker thread buys nothing when one device
+holds the whole graph (PyTorch's own pytorch/pytorch#192004 and #192082 propose running such
+graphs on the calling thread).
+
+`calling_thread` wraps theria's own derivative drivers (`theria.autodiff`, the meta-learning
+algorithms, the meta-step) so that their backward passes stay on the caller's thread. It sets a
+thread-local autograd flag for the duration of the call and restores it after; it does not
+change how a user's own `loss.backward()` runs (README: "Per-call overhead").
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def calling_thread(fn: F) -> F:
+    """Decorator: run `fn` with autograd's backward passes on the calling thread."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.autograd.set_multithreading_enabled(False):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
