@@ -107,6 +107,35 @@ def test_forward_vjp_jvp_match_torch_and_reference(case, dtype):
     torch.testing.assert_close(t_f, t_ref, **tol)
 
 
+@pytest.mark.parametrize("tiles", [(32, 16), (16, 32), (64, 16)], ids=str)
+@pytest.mark.parametrize("case", [c for c in CASES if c[-1]], ids=lambda c: c[0])
+def test_causal_block_split_with_unequal_tiles(case, tiles, monkeypatch):
+    """The kernels skip the causal mask on key blocks every query of a program sees whole and
+    apply it on those that straddle the diagonal; with BLOCK_M != BLOCK_N (as the GPU tiles
+    are) that boundary falls inside a tile, and L, S of these cases are not tile multiples."""
+    monkeypatch.setattr(triton_impl, "INTERPRET_TILES", tiles)
+    q, k, v, kw = _inputs(case, torch.float64)
+    k = torch.cat([k, torch.randn_like(k)], dim=-2)  # S beyond 2 tiles: several full blocks
+    v = torch.cat([v, torch.randn_like(v)], dim=-2)
+    q = torch.cat([q, torch.randn_like(q), torch.randn_like(q)], dim=-2)
+    tri, ref = _sdpa("triton", **kw), _sdpa("reference", **kw)
+    prim = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_())
+    out = tri(*prim)
+    tol = _tol(torch.float64)
+    torch.testing.assert_close(out, ref(*prim), **tol)
+    do = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, prim, do),
+                    torch.autograd.grad(ref(*prim), prim, do), strict=True):  # fmt: skip
+        torch.testing.assert_close(a, b, **tol)
+    detached = tuple(x.detach() for x in prim)
+    tangents = tuple(torch.randn_like(x) for x in detached)
+    _, t_ref = torch.func.jvp(ref, detached, tangents)
+    _, t_tri = torch.func.jvp(tri, detached, tangents)  # forward, then the JVP pass
+    torch.testing.assert_close(t_tri, t_ref, **tol)
+    _, t_f = triton_impl.sdpa_jvp(*detached, *tangents, scale=None, **kw)  # fused
+    torch.testing.assert_close(t_f, t_ref, **tol)
+
+
 def test_partial_tangents_and_cotangent_broadcast():
     """Tangents given for some inputs only (the kernels skip the others' matmuls), and a
     query batch that broadcasts against the keys' (its gradient is reduced)."""

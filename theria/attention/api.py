@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -11,7 +12,7 @@ from torch import Tensor
 
 from theria._warnings import warn_once
 from theria.attention import blockwise
-from theria.attention.contract import canonicalize
+from theria.attention.contract import _broadcast, canonicalize
 from theria.attention.function import attention
 from theria.attention.kernels import (
     MAX_GRID_BATCH,
@@ -140,7 +141,7 @@ def sdpa(
     chosen = backend
     head = max(c.q.shape[-1], c.v.shape[-1])  # the widest head dim, E or Ev
     if backend == "auto":
-        batch = torch.broadcast_shapes(c.q.shape[:-2], c.k.shape[:-2]).numel()
+        batch = math.prod(_broadcast(tuple(c.q.shape[:-2]), tuple(c.k.shape[:-2])) or ())
         chosen = auto_backend(
             query.dtype, head, batch, lambda: query.is_cuda and _triton_usable(query)
         )

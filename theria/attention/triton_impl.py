@@ -52,7 +52,10 @@ from theria.attention.kernels.launch import enabled as fast_launch_enabled
 from theria.attention.kernels.launch import launch, layout_key
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the kernels were built
-_INTERPRET_TILE = 16  # the smallest tile tl.dot takes; keeps the interpreter's work small
+# (BLOCK_M, BLOCK_N) in the interpreter: the smallest tile tl.dot takes, which keeps its work
+# small; tests set unequal tiles to check the kernels' block bookkeeping (the causal split).
+INTERPRET_TILES = (16, 16)
+_INTERPRET_TILE = 16  # the preprocess pass's rows
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # `backward_jvp` accepts the tangents of out and lse (o_dot, mu) to skip its first pass.
 REUSES_TANGENT_STATS = True
@@ -192,7 +195,7 @@ def _unsupported(q: Tensor, k: Tensor, v: Tensor) -> str | None:
             f"head dims E={q.shape[-1]}, Ev={v.shape[-1]} above {MAX_HEAD_DIM} have no Triton "
             "kernel; using the torch backend's blockwise code for them"
         )
-    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]).numel()
+    batch = math.prod(_batch_shape(q.shape[:-2], k.shape[:-2]))  # plain Python: per call
     if batch > MAX_GRID_BATCH:
         return (
             f"a flattened batch of {batch} (query batch dims {tuple(q.shape[:-2])}) exceeds the "
@@ -286,7 +289,7 @@ def _autotune() -> bool:
 
 
 def _launch(tuned: Any, plain: Any, grid_rows: int, zb: int, args: list, consts: dict) -> Any:
-    """Run a kernel: in the interpreter with fixed 16×16 tiles; on CUDA autotuned over the
+    """Run a kernel: in the interpreter with the tiles INTERPRET_TILES; on CUDA autotuned over the
     kernel's configs (THERIA_TRITON_AUTOTUNE=0: the first config that fits), with a fixed small
     FMA tile for IEEE (float64) dots. `args` end with (L, S, TUNE_N). After the first
     call of a tuning key the chosen configuration is launched through `kernels.launch` (Triton's
@@ -294,8 +297,9 @@ def _launch(tuned: Any, plain: Any, grid_rows: int, zb: int, args: list, consts:
     the launch as a `kernels.launch.Prepared`, or None (interpreter, or the autotuning call)."""
     by_keys = tuned is K.attn_bwd_dkdv_tuned  # programs over key blocks, not query blocks
     if INTERPRET:
-        t = _INTERPRET_TILE
-        plain[(triton.cdiv(grid_rows, t), zb)](*args, **consts, BLOCK_M=t, BLOCK_N=t)
+        bm, bn = INTERPRET_TILES
+        grid = (triton.cdiv(grid_rows, bn if by_keys else bm), zb)
+        plain[grid](*args, **consts, BLOCK_M=bm, BLOCK_N=bn)
         return None
     if consts["PREC"] == "ieee" or not _autotune():
         # The first config that fits the shared memory (head dim 128 needs smaller tiles).

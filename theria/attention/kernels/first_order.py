@@ -14,7 +14,10 @@ docs/MATH.md), per attention row i of a flattened batch b:
 Algorithms: the online softmax over key blocks (Milakov & Gimelshein 2018, "Online normalizer
 calculation for softmax"; FlashAttention, Dao et al. 2022, Alg. 1) and FlashAttention-2's
 backward split into a dK/dV pass over query blocks and a dQ pass over key blocks (Dao 2023,
-Alg. 2), with the row statistic δ from a preprocess pass. The fused JVP carries, next to the
+Alg. 2), with the row statistic δ from a preprocess pass. Causal: the key (query) blocks that
+every query of a program's block sees whole run without the causal mask, only the blocks that
+straddle the diagonal apply it (two loops over one block step, as FlashAttention-2's kernels
+split their loops). The fused JVP carries, next to the
 output accumulator, the unnormalized μ, (P∘Ṡ)V and P V̇ under the same running-max rescaling.
 
 Limits and conventions:
@@ -122,6 +125,69 @@ def _causal_hi(start_m, S, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _causal_full_hi(start_m, hi, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """The end of the key blocks [0, full_hi) that every query of the block [start_m, ...) sees
+    whole, so that they need no causal mask (key block [n, n + BLOCK_N) is seen whole by query
+    start_m iff n + BLOCK_N - 1 <= start_m); the blocks from full_hi to hi are masked. Not
+    causal: every block is mask-free of the causal kind (full_hi = hi)."""
+    if IS_CAUSAL:
+        return tl.minimum(hi, ((start_m + 1) // BLOCK_N) * BLOCK_N)
+    else:
+        return hi
+
+
+@triton.jit
+def _fwd_block(
+    start_n, q, tq, m_i, l_i, acc, mu_i, acc_a, acc_b,
+    K, V, MASK, TK, TV, qk_scale, t_scale,
+    skn, skd, svn, svd, smm, smn, stkn, stkd, stvn, stvd,
+    offs_m, offs_n, offs_d, offs_e, L, S,
+    E: tl.constexpr, EV: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL_HERE: tl.constexpr,
+    EVEN_N: tl.constexpr, JVP: tl.constexpr, HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr,
+    HAS_TV: tl.constexpr, NATURAL: tl.constexpr, ACCURATE: tl.constexpr, RLN: tl.constexpr,
+    PREC: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One key block of the online softmax (and of the fused JVP); CAUSAL_HERE says whether
+    this block straddles the diagonal and needs the causal mask."""
+    cols = start_n + offs_n
+    col_ok = cols[None, :] < S
+    kT = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd,
+                 mask=col_ok & (offs_d[:, None] < E), other=0.0)  # fmt: skip
+    s = scale_scores(tl.dot(q, kT, input_precision=PREC, out_dtype=ACC), qk_scale, q.dtype)
+    s = _mask_scores(s, offs_m[:, None], cols[None, :], MASK, smm, smn, L, S,
+                     RLN, MASK_KIND, CAUSAL_HERE, EVEN_N)  # fmt: skip
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+    p = _exp(s - m_safe[:, None], NATURAL, ACCURATE)
+    alpha = _exp(m_i - m_safe, NATURAL, ACCURATE)  # rescales what earlier blocks summed
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(V + cols[:, None] * svn + offs_e[None, :] * svd,
+                mask=(cols[:, None] < S) & (offs_e[None, :] < EV), other=0.0)  # fmt: skip
+    acc = acc * alpha[:, None]
+    # (BM, BN) @ (BN, Dv)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC, out_dtype=ACC)
+    if JVP:
+        if HAS_TQ or HAS_TK:
+            sd = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+            if HAS_TQ:
+                sd = tl.dot(tq, kT, sd, input_precision=PREC, out_dtype=ACC)  # Q̇ Kᵀ
+            if HAS_TK:
+                tkT = tl.load(TK + cols[None, :] * stkn + offs_d[:, None] * stkd,
+                              mask=col_ok & (offs_d[:, None] < E), other=0.0)  # fmt: skip
+                sd = tl.dot(q, tkT, sd, input_precision=PREC, out_dtype=ACC)  # + Q K̇ᵀ
+            ps = p * (sd * t_scale)
+            mu_i = mu_i * alpha + tl.sum(ps, 1)
+            acc_a = acc_a * alpha[:, None]
+            acc_a = tl.dot(ps.to(v.dtype), v, acc_a, input_precision=PREC, out_dtype=ACC)
+        if HAS_TV:
+            tv_ptrs = TV + cols[:, None] * stvn + offs_e[None, :] * stvd
+            tv = tl.load(tv_ptrs, mask=(cols[:, None] < S) & (offs_e[None, :] < EV), other=0.0)
+            acc_b = acc_b * alpha[:, None]
+            acc_b = tl.dot(p.to(tv.dtype), tv, acc_b, input_precision=PREC, out_dtype=ACC)
+    return m_new, l_i, acc, mu_i, acc_a, acc_b
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V, MASK, TQ, TK, TV, SCALE,  # inputs
     OUT, LSE, ODOT, MU,  # outputs: (Zb, L, Ev), (Zb, L), (Zb, L, Ev), (Zb, L)
@@ -160,6 +226,9 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)  # running row max (exp2 units)
     l_i = tl.zeros([BLOCK_M], ACC)  # running row sum of exp2(s - m)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], ACC)  # running Σ exp2(s - m) V
+    # The JVP's state; small placeholders where a constexpr leaves it unused (the block step
+    # passes them through untouched)
+    tq, mu_i, acc_a, acc_b = q, l_i, l_i, l_i
     if JVP:
         if HAS_TQ:
             TQ += _batch_offset(pid_b, Z1, Z2, stq0, stq1, stq2)
@@ -169,48 +238,34 @@ def _attn_fwd(
             TK += _batch_offset(pid_b, Z1, Z2, stk0, stk1, stk2)
         if HAS_TV:
             TV += _batch_offset(pid_b, Z1, Z2, stv0, stv1, stv2)
-        mu_i = tl.zeros([BLOCK_M], ACC)  # running Σ p·ṡ
-        acc_a = tl.zeros([BLOCK_M, BLOCK_DV], ACC)  # running (p∘ṡ) V
-        acc_b = tl.zeros([BLOCK_M, BLOCK_DV], ACC)  # running p V̇
+        if HAS_TQ or HAS_TK:
+            mu_i = tl.zeros([BLOCK_M], ACC)  # running Σ p·ṡ
+            acc_a = tl.zeros([BLOCK_M, BLOCK_DV], ACC)  # running (p∘ṡ) V
+        if HAS_TV:
+            acc_b = tl.zeros([BLOCK_M, BLOCK_DV], ACC)  # running p V̇
 
     hi = _causal_hi(start_m, S, BLOCK_M, IS_CAUSAL)
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols[None, :] < S
-        kT = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd,
-                     mask=col_ok & (offs_d[:, None] < E), other=0.0)  # fmt: skip
-        s = scale_scores(tl.dot(q, kT, input_precision=PREC, out_dtype=ACC), qk_scale, q.dtype)
-        s = _mask_scores(s, offs_m[:, None], cols[None, :], MASK, smm, smn, L, S,
-                         RLN, MASK_KIND, IS_CAUSAL, EVEN_N)  # fmt: skip
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
-        p = _exp(s - m_safe[:, None], NATURAL, ACCURATE)
-        alpha = _exp(m_i - m_safe, NATURAL, ACCURATE)  # rescales what earlier blocks summed
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + cols[:, None] * svn + offs_e[None, :] * svd,
-                    mask=(cols[:, None] < S) & (offs_e[None, :] < EV), other=0.0)  # fmt: skip
-        acc = acc * alpha[:, None]
-        # (BM, BN) @ (BN, Dv)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC, out_dtype=ACC)
-        if JVP:
-            if HAS_TQ or HAS_TK:
-                sd = tl.zeros([BLOCK_M, BLOCK_N], ACC)
-                if HAS_TQ:
-                    sd = tl.dot(tq, kT, sd, input_precision=PREC, out_dtype=ACC)  # Q̇ Kᵀ
-                if HAS_TK:
-                    tkT = tl.load(TK + cols[None, :] * stkn + offs_d[:, None] * stkd,
-                                  mask=col_ok & (offs_d[:, None] < E), other=0.0)  # fmt: skip
-                    sd = tl.dot(q, tkT, sd, input_precision=PREC, out_dtype=ACC)  # + Q K̇ᵀ
-                ps = p * (sd * t_scale)
-                mu_i = mu_i * alpha + tl.sum(ps, 1)
-                acc_a = acc_a * alpha[:, None]
-                acc_a = tl.dot(ps.to(v.dtype), v, acc_a, input_precision=PREC, out_dtype=ACC)
-            if HAS_TV:
-                tv_ptrs = TV + cols[:, None] * stvn + offs_e[None, :] * stvd
-                tv = tl.load(tv_ptrs, mask=(cols[:, None] < S) & (offs_e[None, :] < EV), other=0.0)
-                acc_b = acc_b * alpha[:, None]
-                acc_b = tl.dot(p.to(tv.dtype), tv, acc_b, input_precision=PREC, out_dtype=ACC)
-        m_i = m_new
+    full_hi = _causal_full_hi(start_m, hi, BLOCK_N, IS_CAUSAL)
+    # Blocks below the diagonal, then (causal only) those that straddle it: the causal mask
+    # only where it can mask something.
+    for start_n in range(0, full_hi, BLOCK_N):
+        m_i, l_i, acc, mu_i, acc_a, acc_b = _fwd_block(
+            start_n, q, tq, m_i, l_i, acc, mu_i, acc_a, acc_b,
+            K, V, MASK, TK, TV, qk_scale, t_scale,
+            skn, skd, svn, svd, smm, smn, stkn, stkd, stvn, stvd,
+            offs_m, offs_n, offs_d, offs_e, L, S,
+            E, EV, MASK_KIND, False, EVEN_N, JVP, HAS_TQ, HAS_TK, HAS_TV,
+            NATURAL, ACCURATE, RLN, PREC, ACC, BLOCK_M, BLOCK_N,
+        )  # fmt: skip
+    for start_n in range(full_hi, hi, BLOCK_N):
+        m_i, l_i, acc, mu_i, acc_a, acc_b = _fwd_block(
+            start_n, q, tq, m_i, l_i, acc, mu_i, acc_a, acc_b,
+            K, V, MASK, TK, TV, qk_scale, t_scale,
+            skn, skd, svn, svd, smm, smn, stkn, stkd, stvn, stvd,
+            offs_m, offs_n, offs_d, offs_e, L, S,
+            E, EV, MASK_KIND, IS_CAUSAL, EVEN_N, JVP, HAS_TQ, HAS_TK, HAS_TV,
+            NATURAL, ACCURATE, RLN, PREC, ACC, BLOCK_M, BLOCK_N,
+        )  # fmt: skip
 
     empty = l_i == 0.0  # every key of the row masked
     l_1 = tl.where(empty, 1.0, l_i)
@@ -251,6 +306,46 @@ def _attn_fwd(
 
 
 @triton.jit
+def _jvp_block(
+    start_n, q, tq, lse, lse_lo, mu, acc_a, acc_b, K, V, MASK, TK, TV, LSE,
+    qk_scale, t_scale, skn, skd, svn, svd, smm, smn, stkn, stkd, stvn, stvd,
+    offs_m, offs_n, offs_d, offs_e, L, S,
+    E: tl.constexpr, EV: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL_HERE: tl.constexpr,
+    EVEN_N: tl.constexpr, HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
+    NATURAL: tl.constexpr, ACCURATE: tl.constexpr, RLN: tl.constexpr, PREC: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One key block of `_attn_fwd_jvp` (CAUSAL_HERE: the block straddles the diagonal)."""
+    cols = start_n + offs_n
+    col_ok = cols[None, :] < S
+    kT = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd,
+                 mask=col_ok & (offs_d[:, None] < E), other=0.0)  # fmt: skip
+    s = scale_scores(tl.dot(q, kT, input_precision=PREC, out_dtype=ACC), qk_scale, q.dtype)
+    s = _mask_scores(s, offs_m[:, None], cols[None, :], MASK, smm, smn, L, S,
+                     RLN, MASK_KIND, CAUSAL_HERE, EVEN_N)  # fmt: skip
+    p = _exp(minus_lse(s, lse[:, None], lse_lo[:, None], LSE, ACC), NATURAL, ACCURATE)
+    if HAS_TQ or HAS_TK:
+        v = tl.load(V + cols[:, None] * svn + offs_e[None, :] * svd,
+                    mask=(cols[:, None] < S) & (offs_e[None, :] < EV), other=0.0)  # fmt: skip
+        sd = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+        if HAS_TQ:
+            sd = tl.dot(tq, kT, sd, input_precision=PREC, out_dtype=ACC)  # Q̇ Kᵀ
+        if HAS_TK:
+            tkT = tl.load(TK + cols[None, :] * stkn + offs_d[:, None] * stkd,
+                          mask=col_ok & (offs_d[:, None] < E), other=0.0)  # fmt: skip
+            sd = tl.dot(q, tkT, sd, input_precision=PREC, out_dtype=ACC)  # + Q K̇ᵀ
+        ps = p * (sd * t_scale)
+        mu += tl.sum(ps, 1)
+        # (BM, BN) @ (BN, Dv)
+        acc_a = tl.dot(ps.to(v.dtype), v, acc_a, input_precision=PREC, out_dtype=ACC)
+    if HAS_TV:
+        tv = tl.load(TV + cols[:, None] * stvn + offs_e[None, :] * stvd,
+                     mask=(cols[:, None] < S) & (offs_e[None, :] < EV), other=0.0)  # fmt: skip
+        acc_b = tl.dot(p.to(tv.dtype), tv, acc_b, input_precision=PREC, out_dtype=ACC)
+    return mu, acc_a, acc_b
+
+
+@triton.jit
 def _attn_fwd_jvp(
     Q, K, V, MASK, TQ, TK, TV, SCALE, OUT, LSE,  # inputs; OUT, LSE: (Zb, L, Ev), (Zb, L)
     ODOT, MU,  # outputs: (Zb, L, Ev), (Zb, L)
@@ -286,6 +381,7 @@ def _attn_fwd_jvp(
     row_ok = offs_m[:, None] < L
     q = tl.load(Q + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
                 mask=row_ok & (offs_d[None, :] < E), other=0.0)  # fmt: skip
+    tq = q  # a placeholder unless HAS_TQ
     if HAS_TQ:
         TQ += _batch_offset(pid_b, Z1, Z2, stq0, stq1, stq2)
         tq = tl.load(TQ + offs_m[:, None] * stqm + offs_d[None, :] * stqd,
@@ -301,33 +397,21 @@ def _attn_fwd_jvp(
     acc_b = tl.zeros([BLOCK_M, BLOCK_DV], ACC)  # P V̇
 
     hi = _causal_hi(start_m, S, BLOCK_M, IS_CAUSAL)
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols[None, :] < S
-        kT = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd,
-                     mask=col_ok & (offs_d[:, None] < E), other=0.0)  # fmt: skip
-        s = scale_scores(tl.dot(q, kT, input_precision=PREC, out_dtype=ACC), qk_scale, q.dtype)
-        s = _mask_scores(s, offs_m[:, None], cols[None, :], MASK, smm, smn, L, S,
-                         RLN, MASK_KIND, IS_CAUSAL, EVEN_N)  # fmt: skip
-        p = _exp(minus_lse(s, lse[:, None], lse_lo[:, None], LSE, ACC), NATURAL, ACCURATE)
-        if HAS_TQ or HAS_TK:
-            v = tl.load(V + cols[:, None] * svn + offs_e[None, :] * svd,
-                        mask=(cols[:, None] < S) & (offs_e[None, :] < EV), other=0.0)  # fmt: skip
-            sd = tl.zeros([BLOCK_M, BLOCK_N], ACC)
-            if HAS_TQ:
-                sd = tl.dot(tq, kT, sd, input_precision=PREC, out_dtype=ACC)  # Q̇ Kᵀ
-            if HAS_TK:
-                tkT = tl.load(TK + cols[None, :] * stkn + offs_d[:, None] * stkd,
-                              mask=col_ok & (offs_d[:, None] < E), other=0.0)  # fmt: skip
-                sd = tl.dot(q, tkT, sd, input_precision=PREC, out_dtype=ACC)  # + Q K̇ᵀ
-            ps = p * (sd * t_scale)
-            mu += tl.sum(ps, 1)
-            # (BM, BN) @ (BN, Dv)
-            acc_a = tl.dot(ps.to(v.dtype), v, acc_a, input_precision=PREC, out_dtype=ACC)
-        if HAS_TV:
-            tv = tl.load(TV + cols[:, None] * stvn + offs_e[None, :] * stvd,
-                         mask=(cols[:, None] < S) & (offs_e[None, :] < EV), other=0.0)  # fmt: skip
-            acc_b = tl.dot(p.to(tv.dtype), tv, acc_b, input_precision=PREC, out_dtype=ACC)
+    full_hi = _causal_full_hi(start_m, hi, BLOCK_N, IS_CAUSAL)
+    for start_n in range(0, full_hi, BLOCK_N):  # below the diagonal: no causal mask
+        mu, acc_a, acc_b = _jvp_block(
+            start_n, q, tq, lse, lse_lo, mu, acc_a, acc_b, K, V, MASK, TK, TV, LSE,
+            qk_scale, t_scale, skn, skd, svn, svd, smm, smn, stkn, stkd, stvn, stvd,
+            offs_m, offs_n, offs_d, offs_e, L, S, E, EV, MASK_KIND, False, EVEN_N,
+            HAS_TQ, HAS_TK, HAS_TV, NATURAL, ACCURATE, RLN, PREC, ACC, BLOCK_M, BLOCK_N,
+        )  # fmt: skip
+    for start_n in range(full_hi, hi, BLOCK_N):
+        mu, acc_a, acc_b = _jvp_block(
+            start_n, q, tq, lse, lse_lo, mu, acc_a, acc_b, K, V, MASK, TK, TV, LSE,
+            qk_scale, t_scale, skn, skd, svn, svd, smm, smn, stkn, stkd, stvn, stvd,
+            offs_m, offs_n, offs_d, offs_e, L, S, E, EV, MASK_KIND, IS_CAUSAL, EVEN_N,
+            HAS_TQ, HAS_TK, HAS_TV, NATURAL, ACCURATE, RLN, PREC, ACC, BLOCK_M, BLOCK_N,
+        )  # fmt: skip
 
     o_ptrs = (row_base + offs_m[:, None]) * EV + offs_e[None, :]
     o_mask = row_ok & (offs_e[None, :] < EV)
@@ -358,6 +442,38 @@ def _attn_bwd_preprocess(
     do = tl.load(DO + offs_m[:, None] * sdom + offs_e[None, :] * sdod, mask=ok, other=0.0)
     delta = tl.sum(o.to(ACC) * do.to(ACC), 1)
     tl.store(DELTA + row_base + offs_m, delta, mask=offs_m < L)
+
+
+@triton.jit
+def _dkdv_block(
+    start_m, k, v, dk, dv, Q, MASK, DO, LSE, DELTA, qk_scale, row_base,
+    sqm, sqd, smm, smn, sdom, sdod, offs_m, offs_n, offs_d, offs_e, L, S,
+    E: tl.constexpr, EV: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL_HERE: tl.constexpr,
+    EVEN_M: tl.constexpr, NATURAL: tl.constexpr, ACCURATE: tl.constexpr, RLN: tl.constexpr,
+    PREC: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """One query block of `_attn_bwd_dkdv` (CAUSAL_HERE: the block straddles the diagonal)."""
+    rows = start_m + offs_m
+    row_ok = rows[None, :] < L
+    qT = tl.load(Q + rows[None, :] * sqm + offs_d[:, None] * sqd,
+                 mask=row_ok & (offs_d[:, None] < E), other=0.0)  # fmt: skip
+    lse, lse_lo = load_lse(LSE, row_base + rows, rows < L, RLN, ACC)
+    sT = scale_scores(tl.dot(k, qT, input_precision=PREC, out_dtype=ACC), qk_scale, k.dtype)
+    sT = _mask_scores(sT, rows[None, :], offs_n[:, None], MASK, smm, smn, L, S,
+                      RLN, MASK_KIND, CAUSAL_HERE, True)  # fmt: skip
+    pT = _exp(minus_lse(sT, lse[None, :], lse_lo[None, :], LSE, ACC), NATURAL, ACCURATE)
+    if not EVEN_M:
+        pT = tl.where(row_ok, pT, 0.0)  # rows past L
+    do = tl.load(DO + rows[:, None] * sdom + offs_e[None, :] * sdod,
+                 mask=(rows[:, None] < L) & (offs_e[None, :] < EV), other=0.0)  # fmt: skip
+    # (BN, BM) @ (BM, Dv)
+    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC, out_dtype=ACC)
+    delta = tl.load(DELTA + row_base + rows, mask=rows < L, other=0.0)
+    dpT = tl.dot(v, tl.trans(do), input_precision=PREC, out_dtype=ACC)  # (BN, Dv) @ (Dv, BM)
+    dsT = pT * (dpT - delta[None, :].to(ACC))
+    # (BN, BM) @ (BM, D)
+    dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PREC, out_dtype=ACC)
+    return dk, dv
 
 
 @triton.jit
@@ -400,35 +516,55 @@ def _attn_bwd_dkdv(
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], ACC)
     lo = 0
+    full_lo = 0
     if IS_CAUSAL:
         lo = (start_n // BLOCK_M) * BLOCK_M  # queries i < start_n see none of these keys
-    for start_m in range(lo, L, BLOCK_M):
-        rows = start_m + offs_m
-        row_ok = rows[None, :] < L
-        qT = tl.load(Q + rows[None, :] * sqm + offs_d[:, None] * sqd,
-                     mask=row_ok & (offs_d[:, None] < E), other=0.0)  # fmt: skip
-        lse, lse_lo = load_lse(LSE, row_base + rows, rows < L, RLN, ACC)
-        sT = scale_scores(tl.dot(k, qT, input_precision=PREC, out_dtype=ACC), qk_scale, k.dtype)
-        sT = _mask_scores(sT, rows[None, :], offs_n[:, None], MASK, smm, smn, L, S,
-                          RLN, MASK_KIND, IS_CAUSAL, True)  # fmt: skip
-        pT = _exp(minus_lse(sT, lse[None, :], lse_lo[None, :], LSE, ACC), NATURAL, ACCURATE)
-        if not EVEN_M:
-            pT = tl.where(row_ok, pT, 0.0)  # rows past L
-        do = tl.load(DO + rows[:, None] * sdom + offs_e[None, :] * sdod,
-                     mask=(rows[:, None] < L) & (offs_e[None, :] < EV), other=0.0)  # fmt: skip
-        # (BN, BM) @ (BM, Dv)
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC, out_dtype=ACC)
-        delta = tl.load(DELTA + row_base + rows, mask=rows < L, other=0.0)
-        dpT = tl.dot(v, tl.trans(do), input_precision=PREC, out_dtype=ACC)  # (BN, Dv) @ (Dv, BM)
-        dsT = pT * (dpT - delta[None, :].to(ACC))
-        # (BN, BM) @ (BM, D)
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PREC, out_dtype=ACC)
+        # from full_lo on, every query of a block sees all of these keys: no causal mask
+        full_lo = tl.minimum(tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M, L)
+    for start_m in range(lo, full_lo, BLOCK_M):  # the blocks that straddle the diagonal
+        dk, dv = _dkdv_block(
+            start_m, k, v, dk, dv, Q, MASK, DO, LSE, DELTA, qk_scale, row_base,
+            sqm, sqd, smm, smn, sdom, sdod, offs_m, offs_n, offs_d, offs_e, L, S,
+            E, EV, MASK_KIND, IS_CAUSAL, EVEN_M, NATURAL, ACCURATE, RLN, PREC, ACC,
+        )  # fmt: skip
+    for start_m in range(full_lo, L, BLOCK_M):
+        dk, dv = _dkdv_block(
+            start_m, k, v, dk, dv, Q, MASK, DO, LSE, DELTA, qk_scale, row_base,
+            sqm, sqd, smm, smn, sdom, sdod, offs_m, offs_n, offs_d, offs_e, L, S,
+            E, EV, MASK_KIND, False, EVEN_M, NATURAL, ACCURATE, RLN, PREC, ACC,
+        )  # fmt: skip
     dk = dk * tl.load(SCALE + 1).to(ACC)  # dK = scale·dSᵀ Q
     kv_base = pid_b.to(tl.int64) * S
     tl.store(DK + (kv_base + offs_n[:, None]) * E + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=key_ok & (offs_d[None, :] < E))  # fmt: skip
     tl.store(DV + (kv_base + offs_n[:, None]) * EV + offs_e[None, :], dv.to(DV.dtype.element_ty),
              mask=key_ok & (offs_e[None, :] < EV))  # fmt: skip
+
+
+@triton.jit
+def _dq_block(
+    start_n, q, do, lse, lse_lo, delta, dq, K, V, MASK, LSE, qk_scale,
+    skn, skd, svn, svd, smm, smn, offs_m, offs_n, offs_d, offs_e, L, S,
+    E: tl.constexpr, EV: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL_HERE: tl.constexpr,
+    EVEN_N: tl.constexpr, NATURAL: tl.constexpr, ACCURATE: tl.constexpr, RLN: tl.constexpr,
+    PREC: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """One key block of `_attn_bwd_dq` (CAUSAL_HERE: the block straddles the diagonal)."""
+    cols = start_n + offs_n
+    col_ok = cols[None, :] < S
+    kT = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd,
+                 mask=col_ok & (offs_d[:, None] < E), other=0.0)  # fmt: skip
+    vT = tl.load(V + cols[None, :] * svn + offs_e[:, None] * svd,
+                 mask=col_ok & (offs_e[:, None] < EV), other=0.0)  # fmt: skip
+    s = scale_scores(tl.dot(q, kT, input_precision=PREC, out_dtype=ACC), qk_scale, q.dtype)
+    s = _mask_scores(s, offs_m[:, None], cols[None, :], MASK, smm, smn, L, S,
+                     RLN, MASK_KIND, CAUSAL_HERE, EVEN_N)  # fmt: skip
+    p = _exp(minus_lse(s, lse[:, None], lse_lo[:, None], LSE, ACC), NATURAL, ACCURATE)
+    dp = tl.dot(do, vT, input_precision=PREC, out_dtype=ACC)  # (BM, Dv) @ (Dv, BN)
+    ds = p * (dp - delta[:, None])
+    # (BM, BN) @ (BN, D)
+    dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PREC, out_dtype=ACC)
+    return dq
 
 
 @triton.jit
@@ -471,21 +607,19 @@ def _attn_bwd_dq(
     delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < L, other=0.0).to(ACC)
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     hi = _causal_hi(start_m, S, BLOCK_M, IS_CAUSAL)
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols[None, :] < S
-        kT = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd,
-                     mask=col_ok & (offs_d[:, None] < E), other=0.0)  # fmt: skip
-        vT = tl.load(V + cols[None, :] * svn + offs_e[:, None] * svd,
-                     mask=col_ok & (offs_e[:, None] < EV), other=0.0)  # fmt: skip
-        s = scale_scores(tl.dot(q, kT, input_precision=PREC, out_dtype=ACC), qk_scale, q.dtype)
-        s = _mask_scores(s, offs_m[:, None], cols[None, :], MASK, smm, smn, L, S,
-                         RLN, MASK_KIND, IS_CAUSAL, EVEN_N)  # fmt: skip
-        p = _exp(minus_lse(s, lse[:, None], lse_lo[:, None], LSE, ACC), NATURAL, ACCURATE)
-        dp = tl.dot(do, vT, input_precision=PREC, out_dtype=ACC)  # (BM, Dv) @ (Dv, BN)
-        ds = p * (dp - delta[:, None])
-        # (BM, BN) @ (BN, D)
-        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PREC, out_dtype=ACC)
+    full_hi = _causal_full_hi(start_m, hi, BLOCK_N, IS_CAUSAL)
+    for start_n in range(0, full_hi, BLOCK_N):  # below the diagonal: no causal mask
+        dq = _dq_block(
+            start_n, q, do, lse, lse_lo, delta, dq, K, V, MASK, LSE, qk_scale,
+            skn, skd, svn, svd, smm, smn, offs_m, offs_n, offs_d, offs_e, L, S,
+            E, EV, MASK_KIND, False, EVEN_N, NATURAL, ACCURATE, RLN, PREC, ACC,
+        )  # fmt: skip
+    for start_n in range(full_hi, hi, BLOCK_N):
+        dq = _dq_block(
+            start_n, q, do, lse, lse_lo, delta, dq, K, V, MASK, LSE, qk_scale,
+            skn, skd, svn, svd, smm, smn, offs_m, offs_n, offs_d, offs_e, L, S,
+            E, EV, MASK_KIND, IS_CAUSAL, EVEN_N, NATURAL, ACCURATE, RLN, PREC, ACC,
+        )  # fmt: skip
     dq = dq * tl.load(SCALE + 1).to(ACC)  # dQ = scale·dS K
     tl.store(DQ + (row_base + offs_m[:, None]) * E + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok & (offs_d[None, :] < E))  # fmt: skip
@@ -509,16 +643,20 @@ _even_m = {"EVEN_M": lambda a: a["L"] % a["BLOCK_M"] == 0}
 # first of each list is the default when autotuning is off (float32 "tf32x3" dots use the same
 # tiles; the autotuner skips those that overflow the shared memory). IEEE dots (float64, no
 # tensor cores) use the small FMA tile below: large FMA tiles take minutes to compile.
-FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)])
+FWD_CONFIGS = _configs([
+    (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 4, 4),
+])  # fmt: skip
 # Three accumulators (O, (P∘Ṡ)V, PV̇): at head dim 128 smaller row tiles or more warps.
 JVP_CONFIGS = _configs([
     (64, 64, 4, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 8, 2), (64, 32, 4, 2),
 ])  # fmt: skip
 DKDV_CONFIGS = _configs([
     (32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2), (64, 64, 8, 2),
+    (32, 128, 4, 5),
 ])  # fmt: skip
 DQ_CONFIGS = _configs([
     (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (64, 64, 8, 2),
+    (128, 32, 4, 5),
 ])  # fmt: skip
 FMA_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)
 
