@@ -71,6 +71,9 @@ def _first_order_run(jvpfa: bool = True) -> list[dict]:
                      _rec("fwd+jvp", gpu.FUNC_JVP, 0.4, **key)]  # fmt: skip
             if jvpfa:
                 recs.append(_rec("fwd+jvp", gpu.JVPFA, 1.0, **key))
+            if N == 1024:  # the calling-thread rows: only at one size
+                recs += [_rec("fwd+bwd", gpu.THERIA_CT, 1.2, **key),
+                         _rec("fwd+bwd", gpu.CUDNN_CT, 1.0, **key)]  # fmt: skip
     recs.append(_rec("fwd+bwd", gpu.THERIA, 9.0, D=96))  # not a target head dim
     recs.append(_rec("fwd+bwd", gpu.THERIA, 9.0, D=128))
     recs.append(_rec("fwd+bwd", gpu.CUDNN, None, D=128))  # cuDNN failed there
@@ -92,15 +95,21 @@ def test_first_order_targets_from_rows() -> None:
         assert by[(fb, c, 64, 16384)][-2] == "+0.10 (goal +0.20)"
         assert by[(fb, c, 64, 1024)][-4:] == ["1.60", "1.5", "+0.10", "NOT met"]
         assert (fb, c, 64, 2048) not in by  # 1024 < N < 4096: no target
-        fused = by[("fwd+jvp fused sdpa_jvp / jvp-flash-attention", c, 64, 2048)]
-        assert fused[-4:] == ["0.25", "0.3", "-0.05", "met"]
-        func = by[("fwd+jvp torch.func.jvp / jvp-flash-attention", c, 64, 2048)]
+        ct = by[("fwd+bwd, both calling-thread backward", c, 64, 1024)]
+        assert ct[-4:] == ["1.20", "1.5", "-0.30", "met"]
+        assert ("fwd+bwd, both calling-thread backward", c, 64, 4096) not in by  # no such rows
+        # the JVP target applies from N = 4096 (gpu.JVP_MIN_N), not at 1024 or 2048
+        jvp = "fwd+jvp fused sdpa_jvp / jvp-flash-attention"
+        assert (jvp, c, 64, 2048) not in by and (jvp, c, 64, 1024) not in by
+        assert by[(jvp, c, 64, 4096)][-4:] == ["0.25", "0.3", "-0.05", "met"]
+        func = by[("fwd+jvp torch.func.jvp / jvp-flash-attention", c, 64, 16384)]
         assert func[-1] == "NOT met"
     assert by[(fb, "no", 128, 4096)][-1] == "not measured"
     assert not any(r[2] == 96 for r in rows)
-    # per causal: fwd+bwd at 1024, 4096, 16384 and 2 JVP rows at each of 4 sizes; D=128: 1
-    assert len(rows) == 2 * (3 + 8) + 1
-    met = 2 * (1 + 4)  # fwd+bwd at 4096, fused JVP everywhere
+    # per causal: fwd+bwd at 1024, 4096, 16384, the calling-thread row at 1024 and 2 JVP rows
+    # at each of 4096 and 16384; D=128: 1
+    assert len(rows) == 2 * (3 + 1 + 4) + 1
+    met = 2 * (1 + 1 + 2)  # fwd+bwd at 4096, calling-thread at 1024, fused JVP at 4096, 16384
     assert summary.startswith(f"Issue 16 targets in this run: {met} met, {len(rows) - met - 1} "
                               "NOT met, 1 not measured")  # fmt: skip
 

@@ -228,14 +228,18 @@ SWEEP = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages, key-major tiles), largest
     "dkdv": [
         (32, 64, 4, 3, False), (64, 64, 4, 3, True), (32, 64, 4, 3, True), (64, 128, 8, 3, True),
         (32, 128, 4, 3, True), (16, 64, 4, 3, False), (64, 64, 4, 2, True),
+        (64, 64, 8, 2, True), (64, 64, 8, 3, True), (32, 64, 4, 2, False), (64, 32, 4, 3, False),
+        (32, 32, 4, 3, False),
     ],
     "dq": [
         (128, 64, 8, 3, False), (64, 64, 4, 3, False), (128, 64, 4, 3, False),
-        (64, 32, 4, 3, False), (128, 32, 4, 3, False),
+        (64, 32, 4, 3, False), (128, 32, 4, 3, False), (64, 64, 8, 2, False),
+        (64, 32, 4, 2, False), (32, 64, 4, 3, False), (128, 32, 8, 2, False),
     ],
     "rowstats": [
         (64, 64, 4, 3, False), (128, 64, 8, 3, False), (128, 64, 4, 3, False),
-        (64, 32, 4, 3, False), (128, 128, 8, 3, False),
+        (64, 32, 4, 3, False), (128, 128, 8, 3, False), (64, 64, 4, 2, False),
+        (32, 64, 4, 3, False), (128, 64, 8, 2, False),
     ],
 }  # fmt: skip
 

@@ -14,7 +14,11 @@ Shapes (B, H, N, D) = (1, 1, 16, 64) by default, self-attention L = S = N, no ma
               ℓ = ½‖attention(q, k, v)‖² (as `python -m theria.bench hvp`)
     fwd_rev   the same, "fwd_rev" (torch.func.jvp over torch.func.grad)
 
-Paths: `theria.sdpa triton` (`theria.sdpa(backend="triton")`), `theria kernels only` (fwd,
+Paths: `theria.sdpa triton` (`theria.sdpa(backend="triton")`; for fwd+bwd also with the
+backward on the calling thread, `torch.autograd.set_multithreading_enabled(False)`, next to
+SDPA cuDNN run the same way: PyTorch's default engine hands a CUDA backward to a worker
+thread, which theria's own drivers avoid, theria/_engine.py; rev_rev and fwd_rev go through
+`theria.autodiff.hvp`, which does so for every path), `theria kernels only` (fwd,
 fwd+bwd: `triton_impl.forward` / `backward` called directly on the tensors: no argument checks,
 no autograd.Function), `theria sdpa_jvp (fused)`; PyTorch's `SDPA default` (its own dispatch),
 `SDPA cuDNN` (`sdpa_kernel(SDPBackend.CUDNN_ATTENTION)`) and `SDPA math`
@@ -81,6 +85,23 @@ REFERENCE = {"fwd": DEFAULT, "fwd+bwd": DEFAULT, "fwd+jvp": MATH, "rev_rev": MAT
 KERNELS_ONLY = "theria kernels only"
 FUSED_JVP = "theria sdpa_jvp (fused)"
 
+CALLING = ", calling-thread backward"  # torch.autograd.set_multithreading_enabled(False)
+
+
+def _calling_thread() -> AbstractContextManager:
+    return torch.autograd.set_multithreading_enabled(False)
+
+
+def _calling_thread_and(backend: SDPBackend) -> Callable[[], AbstractContextManager]:
+    def both() -> AbstractContextManager:
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autograd.set_multithreading_enabled(False))
+        stack.enter_context(sdpa_kernel(backend))
+        return stack
+
+    return both
+
+
 # One timed path: a call of no arguments, and the context entered once around its loop.
 Call = tuple[Callable[[], Any], Callable[[], AbstractContextManager]]
 
@@ -134,6 +155,10 @@ def paths(mode: str, x: tuple[torch.Tensor, ...], device: torch.device) -> dict[
         out[DEFAULT] = (call(sdpa), none)
         if cuda:
             out[CUDNN] = (call(sdpa), _kernel(SDPBackend.CUDNN_ATTENTION))
+        if cuda and mode == "fwd+bwd":  # PyTorch's default engine: a worker thread's backward
+            out[f"theria.sdpa {backend}{CALLING}"] = (call(theria_attn), _calling_thread)
+            cudnn_ct = _calling_thread_and(SDPBackend.CUDNN_ATTENTION)
+            out[f"{CUDNN}{CALLING}"] = (call(sdpa), cudnn_ct)
     else:
         out[MATH] = (call(sdpa), _kernel(SDPBackend.MATH))
     return out
