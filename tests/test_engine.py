@@ -77,7 +77,8 @@ def test_default_engine_uses_a_worker_thread_on_cuda() -> None:
     x = torch.randn(5, device="cuda", requires_grad=True)
     _Probe.seen.clear()
     _loss(x).backward()
-    assert _Probe.seen and _Probe.seen[0][0] != threading.get_ident()
+    assert _Probe.seen[0][0] == threading.get_ident()  # the loss, on this thread
+    assert len(_Probe.seen) == 2 and _Probe.seen[1][0] != threading.get_ident()  # backward
 
 
 @pytest.mark.parametrize("algo", ["maml", "imaml"])
