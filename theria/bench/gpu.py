@@ -75,6 +75,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import theria
+from theria._engine import calling_thread
 from theria.bench.common import (
     Progress,
     command_line,
@@ -272,14 +273,6 @@ def _jvpfa() -> Callable | None:
     return run
 
 
-def _on_calling_thread(f: Callable[..., Any]) -> Callable[..., Any]:
-    def run(*args: Any) -> Any:
-        with torch.autograd.set_multithreading_enabled(False):
-            return f(*args)
-
-    return run
-
-
 def _paths(mode: str, causal: bool) -> dict[str, Callable[..., Any]]:
     """Callables of (q, k, v, tq, tk, tv, do), each timing one `mode` of one path."""
     from theria.attention import triton_impl
@@ -316,8 +309,8 @@ def _paths(mode: str, causal: bool) -> dict[str, Callable[..., Any]]:
         paths[KERNELS_ONLY] = kernels_fwd if mode == "fwd" else kernels_fwd_bwd
         paths.update({name: wrap(_sdpa(b)) for name, b in SDPA_KERNELS.items()})
         if mode == "fwd+bwd":
-            paths[THERIA_CT] = _on_calling_thread(paths[THERIA])
-            paths[CUDNN_CT] = _on_calling_thread(paths[CUDNN])
+            paths[THERIA_CT] = calling_thread(paths[THERIA])
+            paths[CUDNN_CT] = calling_thread(paths[CUDNN])
         return paths
     paths = {
         FUSED_JVP: lambda q, k, v, tq, tk, tv, do: sdpa_jvp(q, k, v, tq, tk, tv, is_causal=causal),
