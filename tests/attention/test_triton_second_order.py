@@ -233,6 +233,31 @@ def test_sdpa_hvp_matches_reference(triton_impl, case: Case, mode: str) -> None:
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[4]], ids=str)
+def test_forward_ad_over_a_plain_backward(triton_impl, case: Case) -> None:
+    """Forward-over-reverse through torch.autograd.forward_ad with a backward that records no
+    graph (no create_graph): grad mode is off there, yet the gradients' tangents must come
+    through. The kernels propagate no tangent themselves, so the backward may skip its autograd
+    Function (and its jvp) only where no dual level is open. Against the reference backend."""
+    from torch.autograd import forward_ad as fwad
+
+    (q, k, v), kw = _inputs(case)
+    tangents = [torch.randn_like(x) for x in (q, k, v)]
+    do = torch.randn_like(theria.sdpa(q, k, v, backend="reference", **kw))
+
+    def grads_and_tangents(backend: str) -> list:
+        with fwad.dual_level():
+            duals = [fwad.make_dual(x, t) for x, t in zip((q, k, v), tangents, strict=True)]
+            out = theria.sdpa(*duals, backend=backend, **kw)
+            return [fwad.unpack_dual(g) for g in torch.autograd.grad(out, duals, do)]
+
+    for got, want in zip(grads_and_tangents("triton"), grads_and_tangents("reference"),
+                         strict=True):  # fmt: skip
+        assert got.tangent is not None, "the gradient's tangent was dropped"
+        torch.testing.assert_close(got.primal, want.primal, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(got.tangent, want.tangent, rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize("case", [CASES[2], CASES[9]], ids=str)
 def test_gradgradcheck(triton_impl, case: Case) -> None:
     args, kw = _inputs(case)

@@ -150,7 +150,8 @@ class Prepared:
         c, g = self.compiled, self.grid
         stream = _stream(torch.cuda.current_device())
         enter, leave = _hooks()
-        meta = c.launch_metadata(g, stream, *values)
+        # Triton builds launch metadata only for an enter hook (None without one)
+        meta = c.launch_metadata(g, stream, *values) if enter is not None else None
         c.run(g[0], g[1], g[2], stream, c.function, c.packed_metadata, meta, enter, leave, *values)
 
 
@@ -181,7 +182,7 @@ def launch(
         return Prepared(compiled, g, values, sig.runtime_pos)
     stream = _stream(device)
     enter, leave = _hooks()
-    meta = compiled.launch_metadata(g, stream, *values)
+    meta = compiled.launch_metadata(g, stream, *values) if enter is not None else None
     compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, meta,
                  enter, leave, *values)  # fmt: skip
     return Prepared(compiled, g, values, sig.runtime_pos)
