@@ -206,7 +206,9 @@ def test_error_names_shapes() -> None:
         (torch.bfloat16, 129, 32, True, "torch"),  # wider than the kernels take
         (torch.float32, 40, 32, True, "triton"),  # pads to 64: tf32x3 dots
         (torch.float32, 64, 32, True, "triton"),
-        (torch.float32, 72, 32, True, "torch"),  # pads to 128: IEEE dots, 20-45x slower
+        (torch.float32, 72, 32, True, "triton"),  # pads to 128: bf16x6 dots
+        (torch.float32, 128, 32, True, "triton"),
+        (torch.float32, 129, 32, True, "torch"),  # wider than the kernels take
         (torch.float64, 16, 32, True, "torch"),
         (torch.bfloat16, 64, 65535, True, "triton"),
         (torch.bfloat16, 64, 65536, True, "torch"),  # beyond CUDA's grid axis 1
@@ -217,7 +219,7 @@ def test_error_names_shapes() -> None:
 )
 def test_auto_backend_choice(dtype, head, batch, triton_ok, want) -> None:
     from theria.attention.api import auto_backend
-    from theria.attention.kernels import TF32X3_MAX_HEAD, precision
+    from theria.attention.kernels import MAX_HEAD_DIM
 
     asked = []
 
@@ -230,8 +232,45 @@ def test_auto_backend_choice(dtype, head, batch, triton_ok, want) -> None:
         assert not asked  # float64 never imports Triton to decide
     if dtype == torch.float32 and triton_ok and batch < 65536:
         padded = max(16, 1 << (head - 1).bit_length())  # the float32 rule is the kernels' rule
-        assert (want == "triton") == (precision(dtype, padded) == "tf32x3")
-        assert (want == "triton") == (padded <= TF32X3_MAX_HEAD)
+        assert (want == "triton") == (padded <= MAX_HEAD_DIM)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (a speed routing)")
+def test_wide_float32_second_order_runs_blockwise_code_on_cuda() -> None:
+    """float32 heads above 64: the first-order kernels, then the blockwise code for the
+    second-order step (faster there), announced once; the HVP matches the torch backend's."""
+    from theria import _warnings
+    from theria.attention import triton_impl
+
+    g = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 70, 72, device="cuda", generator=g, requires_grad=True)
+               for _ in range(3))  # fmt: skip
+    assert triton_impl._second_order_slow(q, v) is not None
+    assert triton_impl._second_order_slow(q[..., :64], v[..., :64]) is None
+    assert triton_impl._second_order_slow(q.double(), v.double()) is None
+
+    def hvp(backend: str) -> tuple:
+        out = theria.sdpa(q, k, v, is_causal=True, backend=backend)
+        gs = torch.autograd.grad(out.square().sum(), (q, k, v), create_graph=True)
+        return torch.autograd.grad(sum(x.sum() for x in gs), (q, k, v))
+
+    _warnings.forget()
+    with pytest.warns(RuntimeWarning, match="second-order step"):
+        got = hvp("triton")
+    want = hvp("torch")
+    for a, b in zip(got, want, strict=True):  # bf16x6 first order vs float32 torch ops
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_avoids_ieee_float32_dots(monkeypatch) -> None:
+    """THERIA_FP32_WIDE_DOTS=ieee (FMA units, 20-45x slower than the torch backend): auto sends
+    wide float32 heads to the torch backend again."""
+    from theria.attention import kernels
+    from theria.attention.api import auto_backend
+
+    monkeypatch.setattr(kernels, "_FP32_DOTS", ("tf32x3", "ieee"))
+    assert auto_backend(torch.float32, 72, 32, lambda: True) == "torch"
+    assert auto_backend(torch.float32, 64, 32, lambda: True) == "triton"
 
 
 def test_triton_backend_sends_batches_beyond_the_grid_to_blockwise_code() -> None:

@@ -261,17 +261,20 @@ def test_torch_func_compositions():
 
 
 def test_dot_precision_per_dtype_and_head_width():
-    """float32: tf32x3 up to 64-wide heads (checked by the 2× rule on the H100), IEEE above
-    (tf32x3 second-order tiles overflow the shared memory at 128); float64 IEEE; 16-bit inputs
-    ignore the option. The first- and second-order kernels share the rule."""
+    """float32: the narrow scheme (tf32x3) up to 64-wide heads, the wide one above (bf16x6 on
+    CUDA, tests/attention/test_kernel_precision.py; numpy dots here); float64 IEEE; 16-bit
+    inputs ignore the option. The first- and second-order kernels share the rule, and the
+    padded width decides it."""
+    from theria.attention import kernels
     from theria.attention.kernels import second_order
 
+    narrow, wide = kernels._FP32_DOTS
     p = triton_impl.precision
-    assert p(torch.float32, 16) == p(torch.float32, 64) == "tf32x3"
-    assert p(torch.float32, 128) == "ieee"
+    assert p(torch.float32, 16) == p(torch.float32, 64) == narrow == "tf32x3"
+    assert p(torch.float32, 128) == wide
     assert p(torch.float64, 16) == "ieee"
     assert p(torch.bfloat16, 128) == p(torch.float16, 64) == "tf32"
-    assert second_order._precision(torch.float32, 128) == "ieee"
+    assert second_order._precision(torch.float32, 128) == wide
     consts = triton_impl._consts_cached(72, 40, torch.float32, 0, False)
-    assert consts["PREC"] == "ieee"  # the padded width (128) decides, not E
+    assert consts["PREC"] == wide  # the padded width (128) decides, not E
     assert triton_impl._consts_cached(40, 64, torch.float32, 0, False)["PREC"] == "tf32x3"

@@ -54,12 +54,14 @@ def auto_backend(
     the rule would pick the kernels) says the inputs are on CUDA and Triton imports.
 
     - float16 / bfloat16: ``triton``.
-    - float32 with heads up to 64 wide (padded): ``triton``. The kernels' tf32x3 dots keep
-      float32 within the 2x-of-PyTorch error rule. On an H100 they make a MAML or iMAML
-      meta-step 3.5-4.8x faster than the torch backend at L >= 4096
-      (experiments/results/meta_step_cuda_fp32.md).
-    - wider float32 heads: ``torch``. The kernels fall back to IEEE dots on the FMA units
-      there, 20-45x slower than the torch backend (experiments/results/triton_hvp_h100_d128.md).
+    - float32 with heads up to 128 wide: ``triton``. Heads up to 64 (padded) get tf32x3 dots,
+      which make a MAML or iMAML meta-step 3.5-4.8x faster than the torch backend at
+      L >= 4096 on an H100 (experiments/results/meta_step_cuda_fp32.md); heads of 65-128
+      bf16x6 dots, with which a forward + backward takes 0.55-0.83x the torch backend's time
+      on an H200 (experiments/results/fp32_wide_heads_h200.md; their second-order step runs
+      the torch backend's blockwise code, which is faster there). Both keep float32 within the
+      2x-of-PyTorch error rule. Where THERIA_FP32_WIDE_DOTS=ieee was set (IEEE dots on the
+      FMA units, 20-45x slower than the torch backend) wide float32 heads get ``torch``.
     - float64, heads wider than the kernels take, batches beyond the kernels' grid, and
       everything off CUDA: ``torch``.
     """
@@ -67,7 +69,11 @@ def auto_backend(
     if dtype in (torch.float16, torch.bfloat16):
         fits = padded <= MAX_HEAD_DIM
     else:
-        fits = dtype == torch.float32 and padded <= TF32X3_MAX_HEAD
+        fits = (
+            dtype == torch.float32
+            and padded <= MAX_HEAD_DIM
+            and precision(dtype, padded) != "ieee"  # IEEE float32 dots: slower than torch
+        )
     return "triton" if fits and batch <= MAX_GRID_BATCH and triton_ok() else "torch"
 
 
@@ -126,7 +132,7 @@ def sdpa(
             ``"torch"`` (blockwise autograd Functions, O(L·block) extra memory, exact first
             and second derivatives in every mode), ``"triton"`` (the same as Triton kernels;
             CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"auto"`` (``triton`` for float16 /
-            bfloat16 CUDA tensors, and float32 ones with heads up to 64 wide, when Triton
+            bfloat16 CUDA tensors, and float32 ones with heads up to 128 wide, when Triton
             imports; else ``torch``; see `auto_backend`).
         block_size: keys per block for the ``torch`` backend.
 

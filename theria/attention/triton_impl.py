@@ -41,12 +41,19 @@ from typing import Any, TypeVar
 import torch
 import triton
 from torch import Tensor
+from torch._C import _functorch as _ft
 from triton.runtime.errors import OutOfResources
 
 from theria._warnings import warn_once
 from theria.attention import blockwise
 from theria.attention.contract import Problem, canonicalize
-from theria.attention.kernels import MAX_GRID_BATCH, MAX_HEAD_DIM, padded_head, precision
+from theria.attention.kernels import (
+    MAX_GRID_BATCH,
+    MAX_HEAD_DIM,
+    TF32X3_MAX_HEAD,
+    padded_head,
+    precision,
+)
 from theria.attention.kernels import first_order as K
 from theria.attention.kernels.launch import enabled as fast_launch_enabled
 from theria.attention.kernels.launch import launch, layout_key
@@ -55,7 +62,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the ker
 # (BLOCK_M, BLOCK_N) in the interpreter: the smallest tile tl.dot takes, which keeps its work
 # small; tests set unequal tiles to check the kernels' block bookkeeping (the causal split).
 INTERPRET_TILES = (16, 16)
-_INTERPRET_TILE = 16  # the preprocess pass's rows
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # `backward_jvp` accepts the tangents of out and lse (o_dot, mu) to skip its first pass.
 REUSES_TANGENT_STATS = True
@@ -77,12 +83,9 @@ def _plain(x: Any) -> Any:
     the outputs, as it would for torch ops. A wrapper of an *outer* active level (say the grad
     of a jvp) means that level must see this step's ops: then `_Tracked`, and the caller runs
     the differentiable blockwise code instead; likewise for vmap's batched tensors."""
-    if not isinstance(x, Tensor):
+    if not isinstance(x, Tensor) or not _ft.is_functorch_wrapped_tensor(x):
         return x
-    from torch._C import _functorch as ft
-
-    if not ft.is_functorch_wrapped_tensor(x):
-        return x
+    ft = _ft
     stack = ft.get_interpreter_stack() or []
     active = {i.level() for i in stack}
     top = stack[-1].level() if stack else None
@@ -92,6 +95,10 @@ def _plain(x: Any) -> Any:
             raise _Tracked
         x = ft.get_unwrapped(x)
     return x
+
+
+def _wrapped(x: Any) -> bool:
+    return isinstance(x, Tensor) and _ft.is_functorch_wrapped_tensor(x)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -104,6 +111,12 @@ def _kernel_entry(fallback: Callable[..., Any]) -> Callable[[F], F]:
     def deco(fn: F) -> F:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if not (
+                torch._C._are_functorch_transforms_active()
+                or any(map(_wrapped, args))
+                or any(map(_wrapped, kwargs.values()))
+            ):  # the common case: plain tensors, nothing to unwrap or keep from wrapping
+                return fn(*args, **kwargs)
             try:
                 plain = [_plain(a) for a in args]
                 plain_kw = {k: _plain(v) for k, v in kwargs.items()}
@@ -303,7 +316,7 @@ def _launch(tuned: Any, plain: Any, grid_rows: int, zb: int, args: list, consts:
         return None
     if consts["PREC"] == "ieee" or not _autotune():
         # The first config that fits the shared memory (head dim 128 needs smaller tiles).
-        configs = [K.FMA_CONFIG] if consts["PREC"] == "ieee" else tuned.configs
+        configs = [K.FMA_CONFIG] if consts["PREC"] == "ieee" else K.candidates(tuned, consts)
         for i, cfg in enumerate(configs):
             try:
                 return _launch_config(plain, cfg, grid_rows, zb, args, consts, by_keys)
@@ -369,9 +382,8 @@ _PLANS: dict[tuple, tuple] = {}
 # The runtime arguments a plan replaces on every call (indices into each kernel's argument
 # list as `_forward` / `backward` build it): all the tensors but the cached scale.
 _FWD_SLOTS = (0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11)  # q k v mask tq tk tv out lse o_dot mu
-_PRE_SLOTS = (0, 1, 2)  # out dO delta
 _DKDV_SLOTS = (0, 1, 2, 3, 4, 6, 7, 8, 9)  # q k v mask dO lse delta dK dV
-_DQ_SLOTS = (0, 1, 2, 3, 4, 6, 7, 8)  # q k v mask dO lse delta dQ
+_DQ_SLOTS = (0, 1, 2, 3, 4, 6, 7, 8, 9)  # q k v mask dO lse delta dQ out
 
 
 def _plan_key(kind: str, problem: Problem, *tensors: Tensor | None) -> tuple | None:
@@ -379,6 +391,23 @@ def _plan_key(kind: str, problem: Problem, *tensors: Tensor | None) -> tuple | N
     if not fast_launch_enabled():
         return None
     return (kind, problem, _autotune(), tensors[0].device, *map(layout_key, tensors))  # type: ignore[union-attr]
+
+
+def _forward_from_plan(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, problem: Problem
+) -> tuple[Tensor, Tensor] | None:
+    """(out, lse) through the stored launch of an earlier call of this layout, or None. A plan
+    exists only for inputs the kernels took, so a hit needs no further checks."""
+    key = _plan_key("fwd", problem, q, k, v, mask)
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is None:
+        return None
+    prep, out_shape, lse_shape, lse_dtype = plan
+    out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(lse_shape, dtype=lse_dtype, device=q.device)
+    m = q if mask is None else mask
+    prep.run(tuple(zip(_FWD_SLOTS, (q, k, v, m, q, q, q, out, lse, out, lse), strict=True)))
+    return out, lse
 
 
 def _same(view: Tensor, t: Tensor) -> bool:
@@ -407,14 +436,6 @@ def _forward(
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Forward, with the fused JVP when `tangents` is given (then some may be None)."""
     key = _plan_key("fwd", problem, q, k, v, mask) if tangents is None else None
-    plan = _PLANS.get(key) if key is not None else None
-    if plan is not None:
-        prep, out_shape, lse_shape, lse_dtype = plan
-        out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
-        lse = torch.empty(lse_shape, dtype=lse_dtype, device=q.device)
-        m = q if mask is None else mask
-        prep.run(tuple(zip(_FWD_SLOTS, (q, k, v, m, q, q, q, out, lse, out, lse), strict=True)))
-        return out, lse, None, None
     _check(q, k, v)
     L, S, Ev = q.shape[-2], k.shape[-2], v.shape[-1]
     tq, tk, tv = tangents if tangents is not None else (None, None, None)
@@ -455,6 +476,8 @@ def forward(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, problem: Problem
 ) -> tuple[Tensor, Tensor]:
     """O (*B, L, Ev) and the row logsumexp lse (*B, L): one kernel pass, online softmax."""
+    if (hit := _forward_from_plan(q, k, v, mask, problem)) is not None:
+        return hit
     if (why := _unsupported(q, k, v)) is not None:
         warn_once(f"triton:unsupported:{why}", f"theria.sdpa(backend='triton'): {why}")
         return blockwise.forward(q, k, v, mask, problem)
@@ -548,23 +571,25 @@ def backward(
     lse: Tensor,
     do: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """VJP with cotangent dO: δ preprocess, then the dK/dV pass and the dQ pass. Gradients
-    come back with the shapes (and dtype) of q, k, v."""
-    if (why := _unsupported(q, k, v)) is not None:
+    """VJP with cotangent dO: the dQ pass (which also stores δ = rowsum(dO∘O)), then the dK/dV
+    pass. Gradients come back with the shapes (and dtype) of q, k, v."""
+    lse_k = _kernel_stat(lse, q)
+    key = _plan_key("bwd", problem, q, k, v, mask, out, lse_k, do)
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is None and (why := _unsupported(q, k, v)) is not None:  # a plan: supported
         warn_once(f"triton:unsupported:{why}", f"theria.sdpa(backend='triton'): {why}")
         return blockwise.backward(q, k, v, mask, problem, out, lse, do)
-    lse = _kernel_stat(lse, q)
-    key = _plan_key("bwd", problem, q, k, v, mask, out, lse, do)
-    plan = _PLANS.get(key) if key is not None else None
+    lse = lse_k
     if plan is not None:
-        pre, dkdv, dq_run, delta_spec, dq_spec, dk_spec, dv_spec = plan
+        dq_run, dkdv, delta_spec, dq_spec, dk_spec, dv_spec, reduced = plan
         delta = torch.empty(delta_spec[0], dtype=delta_spec[1], device=q.device)
         dq, dk, dv = (torch.empty(sp[0], dtype=sp[1], device=q.device)
                       for sp in (dq_spec, dk_spec, dv_spec))  # fmt: skip
         m = q if mask is None else mask
-        pre.run(tuple(zip(_PRE_SLOTS, (out, do, delta), strict=True)))
+        dq_run.run(tuple(zip(_DQ_SLOTS, (q, k, v, m, do, lse, delta, dq, out), strict=True)))
         dkdv.run(tuple(zip(_DKDV_SLOTS, (q, k, v, m, do, lse, delta, dk, dv), strict=True)))
-        dq_run.run(tuple(zip(_DQ_SLOTS, (q, k, v, m, do, lse, delta, dq), strict=True)))
+        if not reduced:  # each gradient has its input's shape and dtype already
+            return dq, dk, dv
         return _reduce(dq, q), _reduce(dk, k), _reduce(dv, v)
     _check(q, k, v)
     L, S, E, Ev = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
@@ -578,12 +603,8 @@ def backward(
     out_c = out.expand(*batch, L, Ev).contiguous()  # (Zb, L, Ev)
     lse_c = lse.expand(*batch, L).contiguous()
     acc = _acc_dtype(q.dtype)
-    delta = torch.empty(*batch, L, dtype=acc, device=q.device)
-    pre_block = _INTERPRET_TILE if INTERPRET else 64
+    delta = torch.empty(*batch, L, dtype=acc, device=q.device)  # written by the dQ pass
     consts = _consts(q, v, mask_kind, problem, L, S)
-    pre_consts = dict(EV=Ev, BLOCK_DV=consts["BLOCK_DV"], BLOCK_M=pre_block, F64=consts["F64"])
-    pre = launch(K.attn_bwd_preprocess, (triton.cdiv(L, pre_block), zb),
-           [out_c, doe, delta, *lay.strides(doe), lay.z[1], lay.z[2], L], pre_consts)  # fmt: skip
 
     # Gradients of broadcast inputs are summed after the kernels: computed per batch entry
     # (in the accumulation dtype, so the sum loses nothing), then reduced to the input's shape.
@@ -599,18 +620,17 @@ def backward(
     ]  # fmt: skip
     scale = _scale_arg(problem, q.dtype, q.device)
     head = [qe, ke, ve, me, doe, scale, lse_c, delta]
+    # dQ first: it stores δ, which the dK/dV pass reads (same stream, so in order)
+    dq_run = _launch(K.attn_bwd_dq_tuned, K.attn_bwd_dq_plain, L, zb,
+                     [*head, dq, out_c, *common], consts)  # fmt: skip
     dkdv = _launch(K.attn_bwd_dkdv_tuned, K.attn_bwd_dkdv_plain, S, zb, [*head, dk, dv, *common],
                    consts)  # fmt: skip
-    dq_run = _launch(K.attn_bwd_dq_tuned, K.attn_bwd_dq_plain, L, zb, [*head, dq, *common], consts)
-    if (
-        not lay.copied
-        and _same(out_c, out)
-        and _same(lse_c, lse)
-        and None not in (pre, dkdv, dq_run)
-    ):
+    if not lay.copied and _same(out_c, out) and _same(lse_c, lse) and None not in (dkdv, dq_run):
         specs = [(t.shape, t.dtype) for t in (delta, dq, dk, dv)]
-        preps = (pre.without(_PRE_SLOTS), dkdv.without(_DKDV_SLOTS), dq_run.without(_DQ_SLOTS))
-        _store_plan(key, (*preps, *specs))
+        reduced = any(g.shape != x.shape or g.dtype != x.dtype
+                      for g, x in ((dq, q), (dk, k), (dv, v)))  # fmt: skip
+        preps = (dq_run.without(_DQ_SLOTS), dkdv.without(_DKDV_SLOTS))
+        _store_plan(key, (*preps, *specs, reduced))
     return _reduce(dq, q), _reduce(dk, k), _reduce(dv, v)
 
 
@@ -635,7 +655,7 @@ def backward_jvp(
     exists, else `blockwise.backward_jvp` on the same device (announced once). o_dot and mu,
     when given, are the tangents of out and lse (they spare the first pass)."""
     kernel = _second_order()
-    why = _unsupported(q, k, v)
+    why = _unsupported(q, k, v) or _second_order_slow(q, v)
     if kernel is not None and why is None:
         lse, mu = _kernel_stat(lse, q), _kernel_stat(mu, q)
         stats = {}
@@ -656,6 +676,26 @@ def backward_jvp(
     # blockwise takes any implementation's statistics and runs 16-bit inputs in float32
     return blockwise.backward_jvp(q, k, v, mask, problem, out, lse, do, tq, tk, tv, tdo,
                                   o_dot=o_dot, mu=mu)  # fmt: skip
+
+
+def _second_order_slow(q: Tensor, v: Tensor) -> str | None:
+    """Why the second-order step of these (kernel-supported) inputs runs the blockwise code on
+    CUDA although the kernels take it, or None: float32 heads wider than 64 (padded), where the
+    split-precision second-order kernels are slower than the blockwise torch ops (one HVP
+    1.07-1.43x the torch backend's time on an H200, experiments/results/fp32_wide_heads_h200.md)
+    while the first-order kernels are faster (0.55-0.83x)."""
+    if not q.is_cuda or q.dtype != torch.float32:
+        return None
+    padded = padded_head(q.shape[-1], v.shape[-1])
+    if padded <= TF32X3_MAX_HEAD:
+        return None
+    return (
+        f"float32 with head dims E={q.shape[-1]}, Ev={v.shape[-1]} (padded {padded} > "
+        f"{TF32X3_MAX_HEAD}): the second-order step (double backward, forward-over-reverse) "
+        "uses the torch backend's blockwise code, faster there than the float32 kernels (one "
+        "HVP 1.07-1.43x slower with them on an H200); the forward and backward stay on the "
+        "kernels"
+    )
 
 
 def _second_order_module() -> Any:

@@ -99,6 +99,8 @@ CHECK_CASES = [
     ("bf16 GQA E=128", "bf16", 1, 4, 2, 257, 300, 128, None, False),
     ("fp16 dense-bool empty rows E=64", "fp16", 1, 3, 3, 97, 300, 64, "dense", False),
     ("fp32 causal L>S E=40", "fp32", 1, 2, 2, 130, 97, 40, None, True),
+    ("fp32 key-padding L≠S E=72", "fp32", 2, 2, 2, 257, 513, 72, "padding", False),
+    ("fp32 GQA causal E=128", "fp32", 1, 4, 2, 200, 300, 128, None, True),
 ]
 
 

@@ -15,7 +15,7 @@ import os
 import torch
 
 MAX_HEAD_DIM = 128  # widest E or Ev the first-order kernels take (wider: blockwise code)
-TF32X3_MAX_HEAD = 64  # widest padded float32 head dim that gets tf32x3 dots (see precision)
+TF32X3_MAX_HEAD = 64  # widest padded float32 head dim of the narrow scheme (see precision)
 # The first-order kernels put the flattened batch on grid axis 1, which CUDA caps at 65535.
 MAX_GRID_BATCH = 65535
 
@@ -34,9 +34,13 @@ def precision(dtype: torch.dtype, block_e: int) -> str:
     within the 2×-of-PyTorch error rule (plain TF32 would not) at tensor-core speed. IEEE float32
     dots run on the FMA units: 3× slower for a forward + backward and 31× for an HVP at N=4096
     on an H100, and their long FMA chains put the float32 JVP past the 2× rule there
-    (experiments/results/triton_first_order_h100.md, triton_hvp_h100.md). Wider float32 heads
-    keep IEEE dots: the second-order tf32x3 tiles overflow the shared memory at 128. Shared by
-    the first- and second-order kernels. Those are the defaults; THERIA_FP32_DOTS and
+    (experiments/results/triton_first_order_h100.md, triton_hvp_h100.md).
+    float32 with heads of 65-128: "bf16x6" (each operand split into three bfloat16 pieces, six
+    of the nine products kept). tf32x3 misses the 2× rule there (dQ 2.85× at head dim 128,
+    HVP 2.4-2.8× on an H200); bf16x6 keeps every first-order quantity at 0.3-1.1× PyTorch's
+    float32 error, and with the wide-head tiles of `first_order` a forward + backward takes
+    0.55-0.83× the torch backend's time (experiments/results/fp32_wide_heads_h200.md). Shared
+    by the first- and second-order kernels. Those are the defaults; THERIA_FP32_DOTS and
     THERIA_FP32_WIDE_DOTS choose others for measurements (below).
     float64 (the interpreter's checks) is IEEE; for 16-bit inputs the option does not apply."""
     if dtype == torch.float64:
@@ -55,7 +59,7 @@ _SCHEMES = ("tf32x3", "ieee", "bf16x3", "bf16x6")
 
 def _fp32_dots() -> tuple[str, str]:
     got = []
-    for name, default in (("THERIA_FP32_DOTS", "tf32x3"), ("THERIA_FP32_WIDE_DOTS", "ieee")):
+    for name, default in (("THERIA_FP32_DOTS", "tf32x3"), ("THERIA_FP32_WIDE_DOTS", "bf16x6")):
         value = os.environ.get(name, default)
         if value not in _SCHEMES:
             raise ValueError(f"{name}={value!r}: expected one of {_SCHEMES}")

@@ -7,17 +7,18 @@ docs/MATH.md), per attention row i of a flattened batch b:
                        with JVP=True also, in the same pass, for tangents (Q̇, K̇, V̇):
                        Ṡ = scale·(Q̇ Kᵀ + Q K̇ᵀ),  μ = rowsum(P∘Ṡ),  Ȯ = (P∘Ṡ)V − μ∘O + P V̇
     _attn_fwd_jvp      Ȯ and μ given the saved lse (P = exp(S − lse), no running max)
-    _attn_bwd_preprocess   δ = rowsum(dO∘O)
+    _attn_bwd_dq       per query block: δ = rowsum(dO∘O) (stored), dQ = scale·dS K
     _attn_bwd_dkdv     per key block: dV = Pᵀ dO,  dK = scale·dSᵀ Q,  dS = P∘(dO Vᵀ − δ)
-    _attn_bwd_dq       per query block: dQ = scale·dS K
+                       (launched after the dQ pass, whose δ it reads)
 
 Algorithms: the online softmax over key blocks (Milakov & Gimelshein 2018, "Online normalizer
 calculation for softmax"; FlashAttention, Dao et al. 2022, Alg. 1) and FlashAttention-2's
 backward split into a dK/dV pass over query blocks and a dQ pass over key blocks (Dao 2023,
-Alg. 2), with the row statistic δ from a preprocess pass. Causal: the key (query) blocks that
-every query of a program's block sees whole run without the causal mask, only the blocks that
-straddle the diagonal apply it (two loops over one block step, as FlashAttention-2's kernels
-split their loops). The fused JVP carries, next to the
+Alg. 2), with the row statistic δ computed by the dQ pass (FlashAttention-2 has a preprocess
+pass for it; folding it in saves a launch, which at small sizes is host time). Causal: the key
+(query) blocks that every query of a program's block sees whole run without the causal mask,
+only the blocks that straddle the diagonal apply it (two loops over one block step, as
+FlashAttention-2's kernels split their loops). The fused JVP carries, next to the
 output accumulator, the unnormalized μ, (P∘Ṡ)V and P V̇ under the same running-max rescaling.
 
 Limits and conventions:
@@ -48,6 +49,8 @@ Limits and conventions:
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import triton
 import triton.language as tl
@@ -424,27 +427,6 @@ def _attn_fwd_jvp(
 
 
 @triton.jit
-def _attn_bwd_preprocess(
-    OUT, DO, DELTA,  # OUT (Zb, L, Ev) contiguous; DO strided; DELTA (Zb, L)
-    sdo0, sdo1, sdo2, sdom, sdod,
-    Z1, Z2, L,
-    EV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, F64: tl.constexpr,
-):  # fmt: skip
-    """δ = rowsum(dO∘O), the row statistic of the backward (FlashAttention-2, Alg. 2 line 4)."""
-    ACC = tl.float64 if F64 else tl.float32
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    pid_b = tl.program_id(1)
-    offs_e = tl.arange(0, BLOCK_DV)
-    ok = (offs_m[:, None] < L) & (offs_e[None, :] < EV)
-    row_base = pid_b.to(tl.int64) * L
-    o = tl.load(OUT + (row_base + offs_m[:, None]) * EV + offs_e[None, :], mask=ok, other=0.0)
-    DO += _batch_offset(pid_b, Z1, Z2, sdo0, sdo1, sdo2)
-    do = tl.load(DO + offs_m[:, None] * sdom + offs_e[None, :] * sdod, mask=ok, other=0.0)
-    delta = tl.sum(o.to(ACC) * do.to(ACC), 1)
-    tl.store(DELTA + row_base + offs_m, delta, mask=offs_m < L)
-
-
-@triton.jit
 def _dkdv_block(
     start_m, k, v, dk, dv, Q, MASK, DO, LSE, DELTA, qk_scale, row_base,
     sqm, sqd, smm, smn, sdom, sdod, offs_m, offs_n, offs_d, offs_e, L, S,
@@ -569,8 +551,10 @@ def _dq_block(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, MASK, DO, SCALE, LSE, DELTA,
+    Q, K, V, MASK, DO, SCALE, LSE,
+    DELTA,  # output (Zb, L): δ of these rows, for the dK/dV pass that runs after this one
     DQ,  # output (Zb, L, E)
+    OUT,  # (Zb, L, Ev) contiguous
     sq0, sq1, sq2, sqm, sqd,
     sk0, sk1, sk2, skn, skd,
     sv0, sv1, sv2, svn, svd,
@@ -583,7 +567,9 @@ def _attn_bwd_dq(
     F64: tl.constexpr, NATURAL: tl.constexpr, ACCURATE: tl.constexpr, RLN: tl.constexpr,
     PREC: tl.constexpr,
 ):  # fmt: skip
-    """One query block per program, looping over key blocks: dQ = scale·Σ_blocks dS K."""
+    """One query block per program, looping over key blocks: dQ = scale·Σ_blocks dS K. The
+    program first computes its rows' δ = rowsum(dO∘O) (FlashAttention-2, Alg. 2 line 4) and
+    stores it for `_attn_bwd_dkdv`: one launch fewer than a separate preprocess pass."""
     ACC = tl.float64 if F64 else tl.float32
     start_m = tl.program_id(0) * BLOCK_M
     pid_b = tl.program_id(1)
@@ -604,7 +590,10 @@ def _attn_bwd_dq(
     do = tl.load(DO + offs_m[:, None] * sdom + offs_e[None, :] * sdod,
                  mask=row_ok & (offs_e[None, :] < EV), other=0.0)  # fmt: skip
     lse, lse_lo = load_lse(LSE, row_base + offs_m, offs_m < L, RLN, ACC)
-    delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < L, other=0.0).to(ACC)
+    o = tl.load(OUT + (row_base + offs_m[:, None]) * EV + offs_e[None, :],
+                mask=row_ok & (offs_e[None, :] < EV), other=0.0)  # fmt: skip
+    delta = tl.sum(o.to(ACC) * do.to(ACC), 1)
+    tl.store(DELTA + row_base + offs_m, delta, mask=offs_m < L)
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     hi = _causal_hi(start_m, S, BLOCK_M, IS_CAUSAL)
     full_hi = _causal_full_hi(start_m, hi, BLOCK_N, IS_CAUSAL)
@@ -659,26 +648,59 @@ DQ_CONFIGS = _configs([
     (128, 32, 4, 5),
 ])  # fmt: skip
 FMA_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)
+# float32 with padded heads of 65-128 (tf32x3 dots: each operand is held as a TF32 head and
+# tail, so a tile takes about four times the shared memory of a 16-bit one at the same head
+# dim): every 16-bit tile above overflows an H100/H200's 227 KiB there. These fit (shared bytes
+# at head dim 128 from an sm_90 compile: forward 90-147 KiB, forward JVP 82-196, dK/dV 98-197,
+# dQ 114-196); the last of each list is the smallest, should a GPU have less.
+FWD_WIDE_FP32 = _configs([(64, 32, 4, 2), (32, 64, 4, 2), (64, 64, 4, 1), (32, 32, 4, 2)])
+JVP_WIDE_FP32 = _configs([(32, 32, 4, 2), (64, 32, 4, 1), (32, 64, 4, 1), (16, 32, 4, 2)])
+DKDV_WIDE_FP32 = _configs([(32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)])
+DQ_WIDE_FP32 = _configs([(64, 32, 4, 2), (32, 64, 4, 2), (64, 64, 4, 1), (32, 32, 4, 2)])
+
+
+def wide_fp32(consts: dict) -> bool:
+    """Whether a launch's constexprs are float32 (natural exp, not float64) with a padded head
+    wider than 64: the case that takes the *_WIDE_FP32 tiles."""
+    return (
+        bool(consts["NATURAL"])
+        and not consts["F64"]
+        and max(consts["BLOCK_D"], consts["BLOCK_DV"]) > 64
+    )
+
+
+def _tiles(narrow: list[triton.Config], wide: list[triton.Config]) -> dict:
+    """autotune arguments: both lists, pruned to the one that fits the launch (`candidates`)."""
+
+    def prune(configs: list, named_args: dict, **kwargs: Any) -> list[triton.Config]:
+        return wide if wide_fp32({**named_args, **kwargs}) else narrow
+
+    return {"configs": narrow + wide, "prune_configs_by": {"early_config_prune": prune}}
+
+
+def candidates(tuned: Any, consts: dict) -> list[triton.Config]:
+    """The tiles an autotuned kernel below considers for a launch with constexprs `consts`."""
+    return tuned.early_config_prune(tuned.configs, {}, **consts)
+
 
 attn_fwd_tuned = triton.autotune(
-    FWD_CONFIGS, key=[*_TUNE_KEY, "JVP", "HAS_TQ", "HAS_TK", "HAS_TV"]
+    key=[*_TUNE_KEY, "JVP", "HAS_TQ", "HAS_TK", "HAS_TV"], **_tiles(FWD_CONFIGS, FWD_WIDE_FP32)
 )(triton.heuristics(_even_n)(_attn_fwd))
-attn_fwd_jvp_tuned = triton.autotune(JVP_CONFIGS, key=[*_TUNE_KEY, "HAS_TQ", "HAS_TK", "HAS_TV"])(
-    triton.heuristics(_even_n)(_attn_fwd_jvp)
-)
+attn_fwd_jvp_tuned = triton.autotune(
+    key=[*_TUNE_KEY, "HAS_TQ", "HAS_TK", "HAS_TV"], **_tiles(JVP_CONFIGS, JVP_WIDE_FP32)
+)(triton.heuristics(_even_n)(_attn_fwd_jvp))
 attn_fwd_dual_tuned = triton.autotune(
-    JVP_CONFIGS, key=[*_TUNE_KEY, "JVP", "HAS_TQ", "HAS_TK", "HAS_TV"]
+    key=[*_TUNE_KEY, "JVP", "HAS_TQ", "HAS_TK", "HAS_TV"], **_tiles(JVP_CONFIGS, JVP_WIDE_FP32)
 )(
     triton.heuristics(_even_n)(_attn_fwd)
 )  # the fused forward + JVP: three accumulators, so smaller tiles than the plain forward
 attn_fwd_plain = triton.heuristics(_even_n)(_attn_fwd)
 attn_fwd_jvp_plain = triton.heuristics(_even_n)(_attn_fwd_jvp)
-attn_bwd_dkdv_tuned = triton.autotune(DKDV_CONFIGS, key=_TUNE_KEY)(
+attn_bwd_dkdv_tuned = triton.autotune(key=_TUNE_KEY, **_tiles(DKDV_CONFIGS, DKDV_WIDE_FP32))(
     triton.heuristics(_even_m)(_attn_bwd_dkdv)
 )
 attn_bwd_dkdv_plain = triton.heuristics(_even_m)(_attn_bwd_dkdv)
-attn_bwd_dq_tuned = triton.autotune(DQ_CONFIGS, key=_TUNE_KEY)(
+attn_bwd_dq_tuned = triton.autotune(key=_TUNE_KEY, **_tiles(DQ_CONFIGS, DQ_WIDE_FP32))(
     triton.heuristics(_even_n)(_attn_bwd_dq)
 )
 attn_bwd_dq_plain = triton.heuristics(_even_n)(_attn_bwd_dq)
-attn_bwd_preprocess = _attn_bwd_preprocess
