@@ -13,6 +13,7 @@ back to (..., Hq, L, Ev). The rules are written down in docs/CONTRACT.md.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import operator
@@ -105,6 +106,8 @@ def mask_scores(s: Tensor, mask: Tensor | None, j0: int, problem: Problem) -> Te
 def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] | None:
     """The broadcast of two shapes, or None if they do not broadcast. Plain Python: this runs
     on every call, and torch.broadcast_shapes costs ~100 µs there."""
+    if a == b:  # the common case (self-attention heads, one batch)
+        return a
     n = max(len(a), len(b))
     a, b = (1,) * (n - len(a)) + a, (1,) * (n - len(b)) + b
     out = []
@@ -174,9 +177,13 @@ def canonicalize(
             "theria.sdpa: key and value must have the same batch dims: "
             f"key {tuple(key.shape)}, value {tuple(value.shape)}"
         )
-    is_causal = _flag("is_causal", is_causal)
-    enable_gqa = _flag("enable_gqa", enable_gqa)
-    dropout_p = _number("dropout_p", dropout_p, "a number in [0, 1)")
+    # the plain-Python types first: every call takes these checks
+    if type(is_causal) is not bool:
+        is_causal = _flag("is_causal", is_causal)
+    if type(enable_gqa) is not bool:
+        enable_gqa = _flag("enable_gqa", enable_gqa)
+    if type(dropout_p) is not float:
+        dropout_p = _number("dropout_p", dropout_p, "a number in [0, 1)")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"theria.sdpa: dropout_p must be in [0, 1); got {dropout_p}")
     if scale is not None:
@@ -192,12 +199,13 @@ def canonicalize(
                 f"theria.sdpa: scale={scale:g} overflows {work} (the scores are scaled in it for "
                 f"{query.dtype} inputs); expected |scale| <= {torch.finfo(work).max:.3g}"
             )
-    if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral):
-        raise TypeError(
-            f"theria.sdpa: block_size must be a positive int; got {block_size!r} of type "
-            f"{type(block_size).__name__}"
-        )
-    block_size = operator.index(block_size)
+    if type(block_size) is not int:
+        if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral):
+            raise TypeError(
+                f"theria.sdpa: block_size must be a positive int; got {block_size!r} of type "
+                f"{type(block_size).__name__}"
+            )
+        block_size = operator.index(block_size)
     if block_size < 1:
         raise ValueError(f"theria.sdpa: block_size must be a positive int; got {block_size}")
     if is_causal and attn_mask is not None:
@@ -280,10 +288,13 @@ def canonicalize(
             # Keys are sliced in blocks, so the key dim must be real (a view, no copy).
             mask = mask.expand(*mask.shape[:-1], S)
 
-    problem = Problem(
-        scale=scale if scale is not None else 1.0 / math.sqrt(E),
-        is_causal=is_causal,
-        dropout_p=dropout_p,
-        block_size=block_size,
-    )
+    problem = _problem(scale if scale is not None else 1.0 / math.sqrt(E), is_causal, dropout_p,
+                       block_size)  # fmt: skip
     return Canonical(q, k, v, mask, problem, restore)
+
+
+@functools.lru_cache(maxsize=1024)
+def _problem(scale: float, is_causal: bool, dropout_p: float, block_size: int) -> Problem:
+    """One Problem per distinct value (a frozen dataclass: building one costs more than finding
+    it, and launch-plan keys hash it on every call)."""
+    return Problem(scale=scale, is_causal=is_causal, dropout_p=dropout_p, block_size=block_size)
