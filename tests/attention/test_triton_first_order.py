@@ -136,6 +136,31 @@ def test_causal_block_split_with_unequal_tiles(case, tiles, monkeypatch):
     torch.testing.assert_close(t_f, t_ref, **tol)
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=[CASES[0][0], CASES[3][0]])
+def test_untracked_calls_skip_the_function_but_keep_forward_tangents(case):
+    """A call that records nothing (no_grad, or no input requiring grad) runs the kernels
+    without the autograd Function; forward AD ignores grad mode, so under a dual level (even
+    inside no_grad) the Function, and its jvp, must still run."""
+    from torch.autograd import forward_ad as fwad
+
+    q, k, v, kw = _inputs(case, torch.float64)
+    want = _sdpa("reference", **kw)(q, k, v)
+    with torch.no_grad():
+        out = _sdpa("triton", **kw)(q, k, v)
+    torch.testing.assert_close(out, want, **_tol(torch.float64))
+    assert out.grad_fn is None and not out.requires_grad
+    tangents = [torch.randn_like(x) for x in (q, k, v)]
+
+    def tangent(backend):
+        with torch.no_grad(), fwad.dual_level():
+            duals = [fwad.make_dual(x, t) for x, t in zip((q, k, v), tangents, strict=True)]
+            return fwad.unpack_dual(_sdpa(backend, **kw)(*duals)).tangent
+
+    got, ref = tangent("triton"), tangent("reference")
+    assert got is not None, "the output's tangent was dropped"
+    torch.testing.assert_close(got, ref, **_tol(torch.float64))
+
+
 def test_partial_tangents_and_cotangent_broadcast():
     """Tangents given for some inputs only (the kernels skip the others' matmuls), and a
     query batch that broadcasts against the keys' (its gradient is reduced)."""

@@ -51,14 +51,15 @@ def _impl_for(impl: Any, *tensors: Tensor | None) -> Any:
     return blockwise if recording else impl
 
 
-def _nothing_to_record() -> bool:
-    """Whether a step taken now needs no autograd Function around it: grad mode is off (a
-    backward without create_graph), no forward-mode dual level is open (forward-over-reverse
-    would carry tangents through it), no torch.func transform is active and torch.compile is not
-    tracing. Then AttentionBackward.apply would only add its bookkeeping (~10-15 µs of host time
-    per call on a 2-core CPU host) to `impl.backward`."""
+def _nothing_to_record(*tensors: Tensor | None) -> bool:
+    """Whether a step on `tensors` taken now needs no autograd Function around it: no graph is
+    recorded (grad mode off, as in a backward without create_graph or under no_grad, or no
+    input requires grad), no forward-mode dual level is open (forward AD ignores grad mode and
+    would carry tangents through it), no torch.func transform is active and torch.compile is
+    not tracing. Then Function.apply would only add its bookkeeping (~10-15 µs of host time per
+    call on a 2-core CPU host) to the implementation's own call."""
     return not (
-        torch.is_grad_enabled()
+        (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
         or forward_ad._current_level >= 0
         or torch._C._are_functorch_transforms_active()
         or torch.compiler.is_compiling()
@@ -138,7 +139,7 @@ class Attention(torch.autograd.Function):
         q, k, v, mask, out, lse = ctx.saved_tensors
         dq = dk = dv = None
         if d_out is not None:
-            if _nothing_to_record():  # a plain backward: the gradients are all that is asked
+            if _nothing_to_record(q, k, v, d_out):  # a plain backward: gradients only
                 dq, dk, dv = ctx.impl.backward(q, k, v, mask, ctx.problem, out, lse, d_out)
             else:  # a graph (double backward) or a tangent (forward-over-reverse) goes on
                 dq, dk, dv = AttentionBackward.apply(
@@ -267,7 +268,10 @@ class AttentionBackward(torch.autograd.Function):
 def attention(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, problem: Problem, impl: ModuleType | Any
 ) -> Tensor:
-    """Canonical-form attention through the Functions above; returns out (*B, L, Ev)."""
+    """Canonical-form attention through the Functions above; returns out (*B, L, Ev). A call
+    that records nothing (inference, evaluation under no_grad) calls `impl.forward` directly."""
+    if _nothing_to_record(q, k, v, mask):
+        return impl.forward(q, k, v, mask, problem)[0]
     out, _lse = Attention.apply(q, k, v, mask, problem, impl)
     return out
 
