@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable
 from typing import Literal
@@ -28,17 +29,12 @@ BACKENDS: tuple[str, ...] = ("auto", "reference", "torch", "triton")
 DEFAULT_BLOCK_SIZE = 256
 
 
-_TRITON_IMPL: list = []  # the imported module, once it imported
-
-
+@functools.cache  # kept once imported (a failed import raises again on the next call)
 def _triton_impl():  # imported lazily: Triton is an optional, heavy import
-    if _TRITON_IMPL:
-        return _TRITON_IMPL[0]
     try:
         from theria.attention import triton_impl
     except ImportError as e:  # pragma: no cover - depends on the install
         raise RuntimeError(f"theria.sdpa: backend='triton' needs Triton: {e}") from e
-    _TRITON_IMPL.append(triton_impl)
     return triton_impl
 
 

@@ -83,17 +83,16 @@ def _plain(x: Any) -> Any:
     the outputs, as it would for torch ops. A wrapper of an *outer* active level (say the grad
     of a jvp) means that level must see this step's ops: then `_Tracked`, and the caller runs
     the differentiable blockwise code instead; likewise for vmap's batched tensors."""
-    if not isinstance(x, Tensor) or not _ft.is_functorch_wrapped_tensor(x):
+    if not _wrapped(x):
         return x
-    ft = _ft
-    stack = ft.get_interpreter_stack() or []
+    stack = _ft.get_interpreter_stack() or []
     active = {i.level() for i in stack}
     top = stack[-1].level() if stack else None
-    while ft.is_functorch_wrapped_tensor(x):
-        level = ft.maybe_get_level(x)
-        if ft.is_batchedtensor(x) or (level in active and level != top):
+    while _ft.is_functorch_wrapped_tensor(x):
+        level = _ft.maybe_get_level(x)
+        if _ft.is_batchedtensor(x) or (level in active and level != top):
             raise _Tracked
-        x = ft.get_unwrapped(x)
+        x = _ft.get_unwrapped(x)
     return x
 
 

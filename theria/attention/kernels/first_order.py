@@ -60,7 +60,7 @@ try:  # the backend-neutral libdevice (Triton >= 3.0); older layouts kept it per
 except ImportError:  # pragma: no cover
     from triton.language.extra.cuda import libdevice
 
-from theria.attention.kernels import interpreter_compat
+from theria.attention.kernels import TF32X3_MAX_HEAD, interpreter_compat
 from theria.attention.kernels.lse import load_lse, minus_lse, scale_scores
 
 interpreter_compat.apply()  # Triton < 3.7 under NumPy 2 (see that module)
@@ -648,11 +648,11 @@ DQ_CONFIGS = _configs([
     (128, 32, 4, 5),
 ])  # fmt: skip
 FMA_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)
-# float32 with padded heads of 65-128 (tf32x3 dots: each operand is held as a TF32 head and
-# tail, so a tile takes about four times the shared memory of a 16-bit one at the same head
-# dim): every 16-bit tile above overflows an H100/H200's 227 KiB there. These fit (shared bytes
-# at head dim 128 from an sm_90 compile: forward 90-147 KiB, forward JVP 82-196, dK/dV 98-197,
-# dQ 114-196); the last of each list is the smallest, should a GPU have less.
+# float32 with padded heads of 65-128 (split-precision dots: each operand is held in two or
+# three pieces, so a tile takes several times the shared memory of a 16-bit one at the same
+# head dim): every 16-bit tile above overflows an H100/H200's 227 KiB there. These fit (shared
+# bytes at head dim 128, tf32x3 dots, sm_90 compile: forward 90-147 KiB, forward JVP 82-196,
+# dK/dV 98-197, dQ 114-196); the last of each list is the smallest, should a GPU have less.
 FWD_WIDE_FP32 = _configs([(64, 32, 4, 2), (32, 64, 4, 2), (64, 64, 4, 1), (32, 32, 4, 2)])
 JVP_WIDE_FP32 = _configs([(32, 32, 4, 2), (64, 32, 4, 1), (32, 64, 4, 1), (16, 32, 4, 2)])
 DKDV_WIDE_FP32 = _configs([(32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)])
@@ -661,11 +661,12 @@ DQ_WIDE_FP32 = _configs([(64, 32, 4, 2), (32, 64, 4, 2), (64, 64, 4, 1), (32, 32
 
 def wide_fp32(consts: dict) -> bool:
     """Whether a launch's constexprs are float32 (natural exp, not float64) with a padded head
-    wider than 64: the case that takes the *_WIDE_FP32 tiles."""
+    wider than the narrow float32 scheme's (`kernels.precision`): the case that takes the
+    *_WIDE_FP32 tiles."""
     return (
         bool(consts["NATURAL"])
         and not consts["F64"]
-        and max(consts["BLOCK_D"], consts["BLOCK_DV"]) > 64
+        and max(consts["BLOCK_D"], consts["BLOCK_DV"]) > TF32X3_MAX_HEAD
     )
 
 
