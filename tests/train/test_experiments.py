@@ -286,6 +286,12 @@ def test_progress_bar_on_a_terminal_labels_and_shows_evaluation(
 ) -> None:
     monkeypatch.setattr(train_loop, "_overrides", lambda: ["algo=fomaml", "seed=3"])
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    # an 80-column terminal (tqdm asks this private helper for the size; a rename fails
+    # here, loudly): the validation loss must survive the cut even where tasks/s is long
+    # (a GPU's hundreds per second cut "val=" off the end of the postfix there)
+    import tqdm.std
+
+    monkeypatch.setattr(tqdm.std, "_screen_shape_wrapper", lambda: lambda fp: (79, 24))
     overridden = sorted(n for n in os.environ if n.startswith("TQDM_"))
     if overridden:  # tqdm reads them once, at import: they decide what a bar prints
         pytest.skip(f"tqdm's defaults are set by the environment ({', '.join(overridden)})")

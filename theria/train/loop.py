@@ -131,6 +131,9 @@ def _check_resumable(saved: dict[str, Any], now: dict[str, Any], path: Path) -> 
         )
 
 
+_POSTFIX_ORDER = {"loss": 0, "val": 1}  # the bar's postfix: what a narrow terminal keeps
+
+
 class _Scalars:
     """TensorBoard writer (imported only when enabled) and the console bar."""
 
@@ -158,8 +161,10 @@ class _Scalars:
                             file=sys.stderr)  # fmt: skip
 
     def show(self, refresh: bool = False, **values: str) -> None:
-        """Sets postfix values (a later value replaces an earlier one, e.g. val)."""
-        self.post |= values
+        """Sets postfix values (a later value replaces an earlier one, e.g. val). The losses
+        come first: a narrow terminal cuts the postfix's tail (tasks/s), not the validation."""
+        merged = self.post | values
+        self.post = dict(sorted(merged.items(), key=lambda kv: _POSTFIX_ORDER.get(kv[0], 99)))
         if self.bar is not None:
             self.bar.set_postfix(self.post, refresh=refresh)
 
