@@ -97,3 +97,37 @@ def test_rev_rev_with_unused_or_linear_parts_gives_zeros_like_fwd_rev() -> None:
         fr = autodiff.hvp(f, (a, b), u, "fwd_rev")
         for x, y in zip(rr, fr, strict=True):
             torch.testing.assert_close(x, y)
+
+
+def test_fwd_rev_takes_dual_tensors_outside_torch_func_and_torch_func_under_vmap(
+    monkeypatch,
+) -> None:
+    """Both forward-over-reverse routes give the Hessian; outside a torch.func transform the
+    dual-tensor one runs (less host work), under vmap the torch.func one (dual tensors and
+    torch.autograd.grad do not compose with vmap)."""
+    x, y = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    u = (torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64))
+    expected = _dense_hessian(x, y) @ torch.cat(u)
+    routes = []
+    for name in ("_fwd_rev_dual", "_fwd_rev_func"):
+        real = getattr(autodiff, name)
+        monkeypatch.setattr(autodiff, name,
+                            lambda *a, _r=real, _n=name: routes.append(_n) or _r(*a))  # fmt: skip
+    hv = autodiff.hvp(_quartic, (x, y), u, "fwd_rev")
+    torch.testing.assert_close(torch.cat(hv), expected, rtol=1e-12, atol=1e-12)
+    assert routes == ["_fwd_rev_dual"]
+    xs = torch.stack([x, 2 * x])
+    batched = torch.func.vmap(lambda xi: autodiff.hvp(_quartic, (xi, y), u, "fwd_rev"))(xs)
+    assert routes[1:] == ["_fwd_rev_func"]
+    for i in range(2):
+        want = _dense_hessian(xs[i], y) @ torch.cat(u)
+        torch.testing.assert_close(torch.cat([batched[0][i], batched[1][i]]), want,
+                                   rtol=1e-12, atol=1e-12)  # fmt: skip
+
+
+def test_fwd_rev_of_a_function_that_ignores_its_primals_is_zero() -> None:
+    x = torch.randn(3, dtype=torch.float64)
+    hv = autodiff.hvp(
+        lambda x: torch.ones((), dtype=torch.float64), (x,), (torch.ones(3),), "fwd_rev"
+    )
+    torch.testing.assert_close(hv[0], torch.zeros(3, dtype=torch.float64))

@@ -13,12 +13,18 @@ graphs on the calling thread).
 algorithms, the meta-step) so that their backward passes stay on the caller's thread. It sets a
 thread-local autograd flag for the duration of the call and restores it after; it does not
 change how a user's own `loss.backward()` runs (README: "Per-call overhead").
+
+`tangents_not_differentiated` marks a region whose forward-mode tangents no reverse pass will
+differentiate (theria's forward-over-reverse HVP driver, `theria.autodiff.hvp`): there a JVP step
+may run the kernels while autograd records the primal graph around it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -35,3 +41,28 @@ def calling_thread(fn: F) -> F:
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def tangents_not_differentiated() -> Iterator[None]:
+    """Within (this thread): no reverse pass differentiates the forward-mode tangents made here.
+
+    A JVP step taken while autograd records a graph (grad mode on, inputs requiring grad) must
+    otherwise assume reverse-over-forward, a backward through the tangent itself, and so runs
+    differentiable torch ops instead of kernels. Forward-over-reverse with dual tensors records
+    the primal graph for its reverse pass and reads the tangent of the gradient only: its
+    tangents are never differentiated, which this context tells the attention's JVP step."""
+    before = getattr(_state, "tangents_plain", False)
+    _state.tangents_plain = True
+    try:
+        yield
+    finally:
+        _state.tangents_plain = before
+
+
+def tangents_may_be_differentiated() -> bool:
+    """False inside `tangents_not_differentiated` (on this thread), True elsewhere."""
+    return not getattr(_state, "tangents_plain", False)

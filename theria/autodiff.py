@@ -18,8 +18,9 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
-from theria._engine import calling_thread
+from theria._engine import calling_thread, tangents_not_differentiated
 
 Tree = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
 HvpMode = Literal["rev_rev", "fwd_rev"]
@@ -117,12 +118,40 @@ def hvp(fn: Callable[..., Tensor], primals: Tree, tangents: Tree, mode: HvpMode 
         )
     if mode == "fwd_rev":
         _load_jvp_decompositions()
-        g = torch.func.grad(
-            lambda *xs: _call(fn, unflatten(list(xs))), argnums=tuple(range(len(flat)))
-        )
-        _, hv = torch.func.jvp(g, tuple(p.detach() for p in flat), tuple(tflat))
-        return unflatten(list(hv))
+        if torch._C._are_functorch_transforms_active():  # under vmap (iMAML's batched step)
+            return unflatten(_fwd_rev_func(fn, unflatten, flat, tflat))
+        return unflatten(_fwd_rev_dual(fn, unflatten, flat, tflat))
     raise ValueError(f"hvp: mode must be 'rev_rev' or 'fwd_rev'; got {mode!r}")
+
+
+def _fwd_rev_func(
+    fn: Callable[..., Tensor], unflatten: Callable, flat: list[Tensor], tflat: list[Tensor]
+) -> list[Tensor]:
+    """Forward-over-reverse with torch.func (composes with an enclosing vmap)."""
+    g = torch.func.grad(lambda *xs: _call(fn, unflatten(list(xs))), argnums=tuple(range(len(flat))))
+    _, hv = torch.func.jvp(g, tuple(p.detach() for p in flat), tuple(tflat))
+    return list(hv)
+
+
+def _fwd_rev_dual(
+    fn: Callable[..., Tensor], unflatten: Callable, flat: list[Tensor], tflat: list[Tensor]
+) -> list[Tensor]:
+    """Forward-over-reverse with dual tensors: ∇f by autograd on primals that carry the
+    tangents, whose backward pass then carries the tangent of ∇f, H·v. The same derivative
+    as torch.func's jvp of grad, with less host work per call: an autograd.Function's jvp runs
+    from C++ here, where torch.func wraps each call in Python (one HVP through one small
+    theria.sdpa call: ~2.3 ms of CPU against ~5.7 ms on a 2-core host). No reverse pass
+    differentiates the tangents, so the attention's JVP step may run the kernels."""
+    leaves = [p.detach().requires_grad_(True) for p in flat]
+    with torch.enable_grad(), forward_ad.dual_level(), tangents_not_differentiated():
+        duals = [forward_ad.make_dual(p, t) for p, t in zip(leaves, tflat, strict=True)]
+        out = _call(fn, unflatten(duals))
+        if not out.requires_grad:  # f does not depend on the primals: H = 0
+            return [torch.zeros_like(p) for p in flat]
+        gs = torch.autograd.grad(out, leaves, allow_unused=True)
+        hv = [None if g is None else forward_ad.unpack_dual(g).tangent for g in gs]
+    # no tangent: ∇f is constant along v (a linear part) or f does not use that primal
+    return [torch.zeros_like(p) if h is None else h for p, h in zip(flat, hv, strict=True)]
 
 
 def jvp(fn: Callable[..., Tensor], primals: Tree, tangents: Tree) -> tuple[Tensor, Tensor]:

@@ -258,6 +258,49 @@ def test_forward_ad_over_a_plain_backward(triton_impl, case: Case) -> None:
         torch.testing.assert_close(got.tangent, want.tangent, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[9]], ids=str)
+def test_autodiff_fwd_rev_runs_the_kernels_for_the_forward_jvp(
+    triton_impl, case: Case, monkeypatch
+) -> None:
+    """theria.autodiff.hvp(mode="fwd_rev") outside torch.func takes dual tensors: grad mode is
+    on and the primals require grad while the forward's JVP runs, yet no reverse pass
+    differentiates that tangent, so the JVP step must stay on the kernels (not the blockwise
+    ops a reverse-over-forward graph needs). Against the reference backend in float64."""
+    from theria import autodiff
+
+    args, kw = _inputs(case)
+    u = tuple(torch.randn_like(a) for a in args)
+    want = autodiff.hvp(_loss("reference", kw), args, u, "rev_rev")
+    took = []
+    monkeypatch.setattr(blockwise, "forward_jvp", lambda *a, **k: took.append(1) or None)
+    got = autodiff.hvp(_loss("triton", kw), args, u, "fwd_rev")
+    assert not took, "the forward JVP under forward-over-reverse ran the blockwise ops"
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+
+
+def test_reverse_over_forward_still_records_the_tangent(triton_impl) -> None:
+    """Outside theria's forward-over-reverse driver a JVP taken under grad mode keeps a graph
+    through the tangent: a backward through it (reverse-over-forward) matches the reference's
+    gradient of ‖J u‖², which takes J u by reverse mode alone (the VJP of a VJP: torch 2.14's
+    forward-mode softmax cannot be differentiated in reverse, an in-place exp in its formula)."""
+    from torch.autograd import forward_ad as fwad
+
+    args, kw = _inputs(CASES[1])
+    tangents = [torch.randn_like(x) for x in args]
+    with fwad.dual_level():
+        duals = [fwad.make_dual(x, t) for x, t in zip(args, tangents, strict=True)]
+        t_out = fwad.unpack_dual(theria.sdpa(*duals, backend="triton", **kw)).tangent
+        got = torch.autograd.grad((t_out**2).sum(), args)
+    out = theria.sdpa(*args, backend="reference", **kw)
+    w = torch.zeros_like(out, requires_grad=True)
+    vjp = torch.autograd.grad(out, args, w, create_graph=True)  # linear in w
+    ju = torch.autograd.grad(vjp, w, tangents, create_graph=True)[0]  # J u
+    want = torch.autograd.grad((ju**2).sum(), args)
+    for g, w_ in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w_, rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize("case", [CASES[2], CASES[9]], ids=str)
 def test_gradgradcheck(triton_impl, case: Case) -> None:
     args, kw = _inputs(case)

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
+from theria._engine import tangents_may_be_differentiated
 from theria.attention import blockwise
 from theria.attention.contract import Problem
 
@@ -161,7 +162,11 @@ class Attention(torch.autograd.Function):
         _reject_mask_tangent(t_mask)
         _reject_nested_forward()
         q, k, v, mask, out, lse = ctx.saved_tensors
-        impl = _impl_for(ctx.impl, q, k, v, out, tq, tk, tv)
+        # a graph recorded through the tangent serves reverse-over-forward only: not needed
+        # where the caller promises no reverse pass differentiates it (forward-over-reverse)
+        impl = ctx.impl
+        if tangents_may_be_differentiated():
+            impl = _impl_for(impl, q, k, v, out, tq, tk, tv)
         o_dot, mu = impl.forward_jvp(q, k, v, mask, ctx.problem, out, lse, tq, tk, tv)
         return o_dot, torch.zeros_like(lse) if mu is None else mu
 

@@ -7,7 +7,8 @@ An HVP here is forward + backward + second-order pass for the scalar
 ℓ(Q, K, V) = ½‖attention(Q, K, V)‖², along a random direction (u_Q, u_K, u_V):
 
     rev_rev   g = ∇ℓ (create_graph=True), then ∇⟨g, u⟩       (what MAML's meta-gradient does)
-    fwd_rev   torch.func.jvp(torch.func.grad(ℓ), primals, u)  (forward-over-reverse)
+    fwd_rev   ∇ℓ on dual tensors (primal, u): the tangent of ∇ℓ  (forward-over-reverse,
+              theria.autodiff.hvp; torch.func's jvp of grad under vmap)
 
 Shapes (B, H, N, D) = (2, 8, N, 64), float32, self-attention sizes L = S = N.
 Peak memory is the peak resident set above the level before the call (sampled).

@@ -11,7 +11,8 @@ An HVP is forward + backward + second-order pass for ℓ(Q, K, V) = ½‖attenti
 (as `python -m theria.bench cpu`), along a random direction (u_Q, u_K, u_V):
 
     rev_rev   g = ∇ℓ (create_graph=True), then ∇⟨g, u⟩       (what MAML's meta-gradient does)
-    fwd_rev   torch.func.jvp(torch.func.grad(ℓ), primals, u)  (forward-over-reverse)
+    fwd_rev   ∇ℓ on dual tensors (primal, u): the tangent of ∇ℓ  (forward-over-reverse,
+              theria.autodiff.hvp; torch.func's jvp of grad under vmap)
 
 Shapes (B, H, N, D), self-attention L = S = N, no mask, per causal (`is_causal` passed to every
 path). Also timed, per shape: PyTorch's SDPA forward + backward (first order only) with each
