@@ -20,8 +20,10 @@ SDPA cuDNN run the same way: PyTorch's default engine hands a CUDA backward to a
 thread, which theria's own drivers avoid, theria/_engine.py; rev_rev and fwd_rev go through
 `theria.autodiff.hvp`, which does so for every path), `theria kernels only` (fwd,
 fwd+bwd: `triton_impl.forward` / `backward` called directly on the tensors: no argument checks,
-no autograd.Function), `theria sdpa_jvp (fused)`; PyTorch's `SDPA default` (its own dispatch),
-`SDPA cuDNN` (`sdpa_kernel(SDPBackend.CUDNN_ATTENTION)`) and `SDPA math`
+no autograd.Function), `theria sdpa_jvp (fused)`, for fwd_rev also `torch.func.jvp` of
+`torch.func.grad` (the route of torch.func users; theria.autodiff takes dual tensors);
+PyTorch's `SDPA default` (its own dispatch), `SDPA cuDNN`
+(`sdpa_kernel(SDPBackend.CUDNN_ATTENTION)`) and `SDPA math`
 (`sdpa_kernel(SDPBackend.MATH)`, PyTorch's only path with forward AD and double backward). A
 PyTorch kernel is selected once around the timed loop, so the selection is not in the call. A
 path that raises is reported with its error.
@@ -135,6 +137,13 @@ def paths(mode: str, x: tuple[torch.Tensor, ...], device: torch.device) -> dict[
         return theria.sdpa(q, k, v, backend=backend)
 
     out: dict[str, Call] = {f"theria.sdpa {backend}": (call(theria_attn), none)}
+    if mode == "fwd_rev":  # the route torch.func users take (theria.autodiff: dual tensors)
+        loss = _loss(theria_attn)
+        jvp_of_grad = torch.func.grad(loss, argnums=(0, 1, 2))
+        out[f"theria.sdpa {backend}, torch.func jvp of grad"] = (
+            lambda: torch.func.jvp(jvp_of_grad, (q, k, v), (tq, tk, tv)),
+            none,
+        )
     if cuda and mode in ("fwd", "fwd+bwd", "fwd+jvp"):
         from theria.attention import triton_impl
         from theria.attention.contract import Problem
