@@ -399,3 +399,14 @@ def test_float32_configurations_override_the_table(so, monkeypatch) -> None:
     assert (key, cfg) == (128, so.CONFIGS_FLOAT32["dq"][128])
     assert so._config("dq", 128, 2) == (128, so.CONFIGS["dq"][128])  # bf16, same row bytes
     assert so._config("rowstats", 64, 4) == (128, so.CONFIGS["rowstats"][128])
+
+
+def test_set_config_drops_the_plans_built_with_the_old_tile(so, monkeypatch) -> None:
+    """A stored launch plan keeps its tiles: a tile sweep that only edits CONFIGS re-runs the
+    first tile's plan for every configuration (the H200 D=128 sweep of 2026-12-02 did)."""
+    monkeypatch.setitem(so.CONFIGS, "dq", dict(so.CONFIGS["dq"]))
+    monkeypatch.setattr(so, "_fitted", {("dq", 64, 2): (32, 32, 4, 2, False)})
+    monkeypatch.setattr(so, "_PLANS", {("hvp", "some layout"): ("a stored plan",)})
+    so.set_config("dq", 64, (64, 64, 4, 2, False))
+    assert so.CONFIGS["dq"][64] == (64, 64, 4, 2, False)
+    assert not so._PLANS and not so._fitted

@@ -267,8 +267,7 @@ def sweep(device: torch.device, dims: list[int], N: int = 4096) -> str:
             saved = so.CONFIGS[kernel][key]
             best = None
             for cfg in configs:
-                so.CONFIGS[kernel][key] = cfg
-                so._fitted.clear()
+                so.set_config(kernel, key, cfg)  # also drops the launch plans of earlier tiles
                 try:
                     m = measure(lambda a=args: so.backward_jvp(*a), device, repeats=10, warmup=2)
                 except Exception as e:  # a configuration that does not compile is a result
@@ -281,8 +280,7 @@ def sweep(device: torch.device, dims: list[int], N: int = 4096) -> str:
                 if "ms" in m and (best is None or m["ms"] < best[0]):
                     best = (m["ms"], cfg)
                 print(rows[-1], flush=True)
-            so.CONFIGS[kernel][key] = best[1] if best else saved
-            so._fitted.clear()
+            so.set_config(kernel, key, best[1] if best else saved)
             print(f"D={D} {kernel}: best {so.CONFIGS[kernel][key]}", flush=True)
     return markdown_table(
         ["D", "kernel", "(BLOCK_M, BLOCK_N, warps, stages)", "backward_jvp ms"], rows

@@ -88,6 +88,15 @@ INTERPRET_CONFIG: Config = (16, 32, 1, 1, True)
 _fitted: dict[tuple[str, int, int], Config] = {}
 
 
+def set_config(kernel: str, key: int, cfg: Config) -> None:
+    """Make `cfg` the tile of `kernel` for table key `key` (what a tile sweep does), dropping
+    every stored launch plan and shrunk configuration: a plan keeps the tiles it was built
+    with, so without this a later call of the same layout would run the old tile."""
+    CONFIGS[kernel][key] = cfg
+    _fitted.clear()
+    _PLANS.clear()
+
+
 def _config(kernel: str, block_e: int, itemsize: int) -> tuple[int, Config]:
     """(table key, configuration) for a kernel, padded head dim and element size."""
     if INTERPRET:
