@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ from theria.attention import triton_impl as T
 from theria.attention.contract import canonicalize
 from theria.attention.kernels import launch as LM
 from theria.attention.kernels import second_order as SO
+from theria.bench.common import environment, markdown_table, write_result
 
 # The autotuner's picks on the H200, N=4096, not causal (results/tile_sweep_h200.md):
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim.
@@ -134,29 +133,18 @@ def main() -> None:
             tile = (consts["BLOCK_M"], consts["BLOCK_N"], consts["num_warps"], consts["num_stages"])
             rows.append((name, dim, tile, r))
             print(f"{name} D={dim} {tile}: {r}", flush=True)
-    lines = [
-        "# Registers, spills and shared memory per kernel (offline sm_90a compile)",
-        "",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        f"- torch: {torch.__version__}, triton {triton.__version__}, "
-        f"python {platform.python_version()} (no GPU: compiled for sm_90a, ptxas -v)",
-        "- script: `python experiments/kernel_resources.py`",
-        "",
-        f"B=2, H=16, N={args.n}, bf16, not causal. Tile = (BLOCK_M, BLOCK_N, warps, stages). "
-        "CTAs/SM from registers (64 Ki per SM) and shared memory (228 KiB per SM).",
-        "",
-        "| kernel | D | tile | registers/thread | spill bytes (st+ld) | shared KiB | CTAs/SM "
-        "| warps/SM |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, dim, tile, r in rows:
-        lines.append(f"| {name} | {dim} | {tile} | {r['regs']} | {r['spill']} | "
-                     f"{r['smem_kib']:.0f} | {r['ctas']} | {r['warps']} |")  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "kernel_resources_sm90.md"
-    path.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {path}")
+    head = ["kernel", "D", "tile", "registers/thread", "spill bytes (st+ld)", "shared KiB",
+            "CTAs/SM", "warps/SM"]  # fmt: skip
+    table = [[name, dim, str(tile), r["regs"], r["spill"], f"{r['smem_kib']:.0f}", r["ctas"],
+              r["warps"]] for name, dim, tile, r in rows]  # fmt: skip
+    body = (
+        f"No GPU: compiled for sm_90a, registers and spills from ptxas -v. B=2, H=16, "
+        f"N={args.n}, bf16, not causal. Tile = (BLOCK_M, BLOCK_N, warps, stages). CTAs/SM from "
+        "registers (64 Ki per SM) and shared memory (228 KiB per SM). Script: "
+        "`python experiments/kernel_resources.py`.\n\n" + markdown_table(head, table)
+    )
+    title = "Registers, spills and shared memory per kernel (offline sm_90a compile)"
+    write_result("kernel_resources_sm90", title, environment("cpu"), body, args.out)
 
 
 if __name__ == "__main__":

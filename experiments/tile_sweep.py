@@ -8,18 +8,17 @@ CUDA only: python experiments/tile_sweep.py [--sizes 4096] [--dims 64 128] [--ou
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
-import triton
 from triton.runtime.errors import OutOfResources
 
 from theria.attention import triton_impl as T
 from theria.attention.contract import canonicalize
 from theria.attention.kernels import first_order as K
+from theria.bench.common import environment, markdown_table, write_result
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) beyond each candidate list
 EXTRA = {
@@ -140,34 +139,22 @@ def main() -> None:
                     print(f"{kind} D={D} causal={causal} N={N}: auto {auto:.3f} ms ({chosen}); "
                           f"{line}  [{time.time() - t0:.0f} s]", flush=True)  # fmt: skip
         reset(kind, base)
-    name = torch.cuda.get_device_name()
-    lines = [
-        "# First-order kernel tiles: the autotuner's choice vs every tile, per kernel alone",
-        "",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        f"- torch: {torch.__version__}, triton {triton.__version__}, "
-        f"python {platform.python_version()}",
-        f"- device: {name}",
-        "- script: `python experiments/tile_sweep.py`",
-        "",
-        f"B=2, H=16, bf16; median of {args.reps} CUDA-event timings of 10 back-to-back "
-        "launches, per launch. `+` marks a tile outside the candidate list.",
-        "",
-        "| kernel | D | causal | N | autotuned ms | its tile | best tile | best ms | best / auto |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    table = []
     for kind, D, causal, N, auto, chosen, best in rows:
-        if best is None:
-            continue
-        t, tile, inside = best
-        cz = "yes" if causal else "no"
-        lines.append(f"| {kind} | {D} | {cz} | {N} | {auto:.3f} | {chosen} | "
-                     f"{tile}{'' if inside else '+'} | {t:.3f} | {t / auto:.2f} |")  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "tile_sweep_cuda.md"
-    path.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {path}")
+        if best is not None:
+            t, tile, inside = best
+            mark = "" if inside else "+"
+            table.append([kind, D, "yes" if causal else "no", N, f"{auto:.3f}", chosen,
+                          f"{tile}{mark}", f"{t:.3f}", f"{t / auto:.2f}"])  # fmt: skip
+    head = ["kernel", "D", "causal", "N", "autotuned ms", "its tile", "best tile", "best ms",
+            "best / auto"]  # fmt: skip
+    body = (
+        f"B=2, H=16, bf16; median of {args.reps} CUDA-event timings of 10 back-to-back "
+        "launches, per launch. `+` marks a tile outside the candidate list. Script: "
+        "`python experiments/tile_sweep.py`.\n\n" + markdown_table(head, table)
+    )
+    title = "First-order kernel tiles: the autotuner's choice vs every tile, per kernel alone"
+    write_result("tile_sweep_cuda", title, environment(dev), body, args.out)
 
 
 if __name__ == "__main__":
