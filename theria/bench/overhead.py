@@ -139,9 +139,9 @@ def paths(mode: str, x: tuple[torch.Tensor, ...], device: torch.device) -> dict[
     out: dict[str, Call] = {f"theria.sdpa {backend}": (call(theria_attn), none)}
     if mode == "fwd_rev":  # the route torch.func users take (theria.autodiff: dual tensors)
         loss = _loss(theria_attn)
-        jvp_of_grad = torch.func.grad(loss, argnums=(0, 1, 2))
+        grad_of_loss = torch.func.grad(loss, argnums=(0, 1, 2))
         out[f"theria.sdpa {backend}, torch.func jvp of grad"] = (
-            lambda: torch.func.jvp(jvp_of_grad, (q, k, v), (tq, tk, tv)),
+            lambda: torch.func.jvp(grad_of_loss, (q, k, v), (tq, tk, tv)),
             none,
         )
     if cuda and mode in ("fwd", "fwd+bwd", "fwd+jvp"):
