@@ -52,6 +52,16 @@ def _impl_for(impl: Any, *tensors: Tensor | None) -> Any:
     return blockwise if recording else impl
 
 
+def _carries_tangent(*tensors: Tensor | None) -> bool:
+    """Whether a forward-mode dual level is open and one of `tensors` carries a tangent at it.
+    A Function's backward run on such tensors (forward-over-reverse through a gradient taken
+    with create_graph=True, e.g. an HVP of a MAML objective) must be computed with ops that
+    forward AD tracks: kernels would drop the tangent silently."""
+    if forward_ad._current_level < 0:
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def _nothing_to_record(*tensors: Tensor | None) -> bool:
     """Whether a step on `tensors` taken now needs no autograd Function around it: no graph is
     recorded (grad mode off, as in a backward without create_graph or under no_grad, or no
@@ -220,6 +230,8 @@ class AttentionBackward(torch.autograd.Function):
         if gq is None and gk is None and gv is None:
             return (None,) * 9
         impl = _impl_for(ctx.impl, q, k, v, d_out, gq, gk, gv)
+        if _carries_tangent(q, k, v, mask, out, lse, d_out, gq, gk, gv):
+            impl = blockwise  # forward AD through this step: differentiable ops
         hq, hk, hv, o_dot = impl.backward_jvp(
             q, k, v, mask, ctx.problem, out, lse, d_out, gq, gk, gv, None
         )
