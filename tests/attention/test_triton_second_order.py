@@ -221,12 +221,18 @@ def _fwd_rev(loss, args, u):
     return jvp(grad(loss, argnums=(0, 1, 2)), tuple(a.detach() for a in args), u)[1]
 
 
-@pytest.mark.parametrize("mode", ["rev_rev", "fwd_rev"])
+def _fwd_rev_dual(loss, args, u):
+    from theria import autodiff
+
+    return autodiff.hvp(loss, args, u, "fwd_rev")  # dual tensors outside torch.func
+
+
+@pytest.mark.parametrize("mode", ["rev_rev", "fwd_rev", "fwd_rev_dual"])
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_sdpa_hvp_matches_reference(triton_impl, case: Case, mode: str) -> None:
     args, kw = _inputs(case)
     u = tuple(torch.randn_like(a) for a in args)
-    hvp = _double_backward if mode == "rev_rev" else _fwd_rev
+    hvp = {"rev_rev": _double_backward, "fwd_rev": _fwd_rev, "fwd_rev_dual": _fwd_rev_dual}[mode]
     got = hvp(_loss("triton", kw), args, u)
     want = hvp(_loss("reference", kw), args, u)
     for g, w in zip(got, want, strict=True):
