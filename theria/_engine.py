@@ -54,7 +54,8 @@ def tangents_not_differentiated() -> Iterator[None]:
     otherwise assume reverse-over-forward, a backward through the tangent itself, and so runs
     differentiable torch ops instead of kernels. Forward-over-reverse with dual tensors records
     the primal graph for its reverse pass and reads the tangent of the gradient only: its
-    tangents are never differentiated, which this context tells the attention's JVP step."""
+    tangents are never differentiated, which this context tells the attention's JVP step. The
+    function run inside must not read this level's tangents as values (`unpack_dual`)."""
     before = getattr(_state, "tangents_plain", False)
     _state.tangents_plain = True
     try:
@@ -64,5 +65,9 @@ def tangents_not_differentiated() -> Iterator[None]:
 
 
 def tangents_may_be_differentiated() -> bool:
-    """False inside `tangents_not_differentiated` (on this thread), True elsewhere."""
-    return not getattr(_state, "tangents_plain", False)
+    """False inside `tangents_not_differentiated` (on this thread), True elsewhere, and True
+    under a torch.func transform even inside it: a `torch.func.jvp` within the function makes
+    its tangent an ordinary value, which the enclosing reverse pass may differentiate."""
+    if not getattr(_state, "tangents_plain", False):
+        return True
+    return torch._C._are_functorch_transforms_active()
