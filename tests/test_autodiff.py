@@ -108,6 +108,7 @@ def test_fwd_rev_takes_dual_tensors_outside_torch_func_and_torch_func_under_vmap
     x, y = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
     u = (torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64))
     expected = _dense_hessian(x, y) @ torch.cat(u)
+    monkeypatch.setitem(autodiff._DUAL_ROUTE, "usable", True)
     routes = []
     for name in ("_fwd_rev_dual", "_fwd_rev_func"):
         real = getattr(autodiff, name)
@@ -131,3 +132,31 @@ def test_fwd_rev_of_a_function_that_ignores_its_primals_is_zero() -> None:
         lambda x: torch.ones((), dtype=torch.float64), (x,), (torch.ones(3),), "fwd_rev"
     )
     torch.testing.assert_close(hv[0], torch.zeros(3, dtype=torch.float64))
+
+
+def test_fwd_rev_falls_back_to_torch_func_for_an_op_without_a_forward_formula(
+    monkeypatch,
+) -> None:
+    """SiLU's backward (aten::silu_backward) has no forward-mode formula in PyTorch: the
+    dual-tensor route raises there, so hvp warns once and takes torch.func's jvp of grad (which
+    decomposes the op), for this call and every later one."""
+    from theria import _warnings
+
+    monkeypatch.setitem(autodiff._DUAL_ROUTE, "usable", True)
+    _warnings.forget("autodiff:fwd_rev-dual")
+    x = torch.randn(5, dtype=torch.float64)
+    u = torch.randn(5, dtype=torch.float64)
+
+    def f(x):
+        return torch.nn.functional.silu(x).pow(3).sum()
+
+    want = autodiff.hvp(f, (x,), (u,), "rev_rev")
+    with pytest.warns(RuntimeWarning, match="silu_backward.*torch.func's jvp of grad"):
+        got = autodiff.hvp(f, (x,), (u,), "fwd_rev")
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)
+    assert autodiff._DUAL_ROUTE["usable"] is False
+    routes = []
+    real = autodiff._fwd_rev_func
+    monkeypatch.setattr(autodiff, "_fwd_rev_func", lambda *a: routes.append(1) or real(*a))
+    torch.testing.assert_close(autodiff.hvp(f, (x,), (u,), "fwd_rev")[0], want[0])
+    assert routes == [1]  # straight to torch.func, no second failed attempt

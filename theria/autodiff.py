@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from theria._engine import calling_thread, tangents_not_differentiated
+from theria._warnings import warn_once
 
 Tree = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
 HvpMode = Literal["rev_rev", "fwd_rev"]
@@ -118,10 +119,31 @@ def hvp(fn: Callable[..., Tensor], primals: Tree, tangents: Tree, mode: HvpMode 
         )
     if mode == "fwd_rev":
         _load_jvp_decompositions()
-        if torch._C._are_functorch_transforms_active():  # under vmap (iMAML's batched step)
+        # torch.func under vmap (iMAML's batched step), or once dual tensors have met an op
+        # without a forward-mode formula; dual tensors otherwise (less host time per call)
+        if torch._C._are_functorch_transforms_active() or not _DUAL_ROUTE["usable"]:
             return unflatten(_fwd_rev_func(fn, unflatten, flat, tflat))
-        return unflatten(_fwd_rev_dual(fn, unflatten, flat, tflat))
+        try:
+            return unflatten(_fwd_rev_dual(fn, unflatten, flat, tflat))
+        except NotImplementedError as e:
+            if not str(e).startswith(_NO_FORWARD_FORMULA):
+                raise
+            _DUAL_ROUTE["usable"] = False
+            warn_once(
+                "autodiff:fwd_rev-dual",
+                f"theria.autodiff.hvp(mode='fwd_rev'): {str(e).splitlines()[0]} Forward-over-"
+                "reverse runs as torch.func's jvp of grad from now on in this process (torch.func "
+                "decomposes such ops; it costs more host time per call).",
+            )
+            return unflatten(_fwd_rev_func(fn, unflatten, flat, tflat))
     raise ValueError(f"hvp: mode must be 'rev_rev' or 'fwd_rev'; got {mode!r}")
+
+
+# PyTorch's message for an op without a forward-mode AD formula (e.g. aten::silu_backward in
+# torch 2.11-2.14, which a backward pass through SiLU runs on dual tensors; torch.func's jvp
+# decomposes it instead).
+_NO_FORWARD_FORMULA = "Trying to use forward AD with"
+_DUAL_ROUTE = {"usable": True}  # False after such an op: the torch.func route from then on
 
 
 def _fwd_rev_func(
