@@ -102,7 +102,12 @@ def _load_jvp_decompositions() -> None:
 
 @calling_thread
 def hvp(fn: Callable[..., Tensor], primals: Tree, tangents: Tree, mode: HvpMode = "rev_rev") -> Any:
-    """Hessian of the scalar `fn` at `primals` applied to `tangents` (same structure)."""
+    """Hessian of the scalar `fn` at `primals` applied to `tangents` (same structure).
+
+    mode "rev_rev": the gradient of ⟨∇f, v⟩ (∇f taken with create_graph=True). mode "fwd_rev":
+    the tangent of ∇f along v: by autograd on dual tensors (`torch.autograd.forward_ad`), or by
+    torch.func's jvp of grad under a torch.func transform (vmap) and, warned once, for good
+    after an op that PyTorch's forward-mode AD has no formula for (SiLU's backward)."""
     flat, unflatten = _flatten(primals)
     tflat = _tangents_like(primals, tangents)
     if mode == "rev_rev":
