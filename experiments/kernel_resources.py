@@ -8,7 +8,10 @@ bundled ptxas (`-v` reports registers and spills). Tiles: the autotuner's choice
 the second-order ones. CTAs/SM: min over 64 Ki registers (allocated per warp in units of 256)
 and 228 KiB of shared memory per SM on an H100/H200; resident warps/SM = CTAs × warps.
 
-    python experiments/kernel_resources.py [--dims 64 128] [--out DIR]
+    python experiments/kernel_resources.py [--dims 64 128] [--sweep-tiles] [--out DIR]
+
+--sweep-tiles: every second-order tile that `python -m theria.bench hvp --sweep` times, to see
+which can keep more warps per SM before spending GPU time on them.
 
 Private internals are patched (the launch functions, the CUDA device check): an experiment,
 not a library path."""
@@ -121,18 +124,21 @@ def main() -> None:
     ap.add_argument("--dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--out", type=Path, default=Path("outputs/bench"))
+    ap.add_argument("--sweep-tiles", action="store_true",
+                    help="the second-order tiles of `bench hvp --sweep`")  # fmt: skip
     args = ap.parse_args()
     rows = []
     for dim in args.dims:
         for kernel, run_args, consts in capture(dim, args.n):
             name = LM._base(kernel).fn.__name__
-            if name in FIRST_ORDER:
-                bm, bn, w, st = FIRST_ORDER[name][dim]
-                consts.update(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
-            r = compile_sm90(kernel, run_args, consts)
-            tile = (consts["BLOCK_M"], consts["BLOCK_N"], consts["num_warps"], consts["num_stages"])
-            rows.append((name, dim, tile, r))
-            print(f"{name} D={dim} {tile}: {r}", flush=True)
+            for tile_consts in _tiles(name, dim, consts, args.sweep_tiles):
+                r = compile_sm90(kernel, run_args, tile_consts)
+                tile = tuple(tile_consts[c] for c in ("BLOCK_M", "BLOCK_N", "num_warps",
+                                                      "num_stages"))  # fmt: skip
+                if "KEY_MAJOR" in tile_consts:
+                    tile = (*tile, "key-major" if tile_consts["KEY_MAJOR"] else "query-major")
+                rows.append((name, dim, tile, r))
+                print(f"{name} D={dim} {tile}: {r}", flush=True)
     head = ["kernel", "D", "tile", "registers/thread", "spill bytes (st+ld)", "shared KiB",
             "CTAs/SM", "warps/SM"]  # fmt: skip
     table = [[name, dim, str(tile), r["regs"], r["spill"], f"{r['smem_kib']:.0f}", r["ctas"],
@@ -144,7 +150,30 @@ def main() -> None:
         "`python experiments/kernel_resources.py`.\n\n" + markdown_table(head, table)
     )
     title = "Registers, spills and shared memory per kernel (offline sm_90a compile)"
-    write_result("kernel_resources_sm90", title, environment("cpu"), body, args.out)
+    name = "kernel_resources_sweep_sm90" if args.sweep_tiles else "kernel_resources_sm90"
+    write_result(name, title, environment("cpu"), body, args.out)
+
+
+def _tiles(name: str, dim: int, consts: dict, sweep: bool) -> list[dict]:
+    """The constexprs to compile `name` with: its launch's tile (the H200's autotuned pick for a
+    first-order kernel), or with `sweep` every tile the HVP tile sweep times (second order)."""
+    if name in FIRST_ORDER:
+        if sweep:
+            return []
+        bm, bn, w, st = FIRST_ORDER[name][dim]
+        return [{**consts, "BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}]
+    if not sweep:
+        return [consts]
+    from theria.bench.hvp import SWEEP
+
+    kernel = name.removeprefix("_attn_hvp_")
+    out = []
+    for bm, bn, w, st, key_major in SWEEP[kernel]:
+        tile = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+        if kernel == "dkdv":
+            tile["KEY_MAJOR"] = key_major
+        out.append({**consts, **tile})
+    return out
 
 
 if __name__ == "__main__":
