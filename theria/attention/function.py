@@ -230,8 +230,11 @@ class AttentionBackward(torch.autograd.Function):
         if gq is None and gk is None and gv is None:
             return (None,) * 9
         impl = _impl_for(ctx.impl, q, k, v, d_out, gq, gk, gv)
+        # forward AD through this step: differentiable ops. Checked here, not in _impl_for:
+        # the engine hands this backward dual tensors, while the jvp methods only ever get
+        # tangent-free primals, so the check would be wasted work on their (hot) path
         if _carries_tangent(q, k, v, mask, out, lse, d_out, gq, gk, gv):
-            impl = blockwise  # forward AD through this step: differentiable ops
+            impl = blockwise
         hq, hk, hv, o_dot = impl.backward_jvp(
             q, k, v, mask, ctx.problem, out, lse, d_out, gq, gk, gv, None
         )
