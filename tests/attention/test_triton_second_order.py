@@ -438,7 +438,7 @@ def test_tile_shrinks_when_shared_memory_overflows(so, monkeypatch) -> None:
         so._launch(FakeKernel(), "dq", 32, 4, 100, 3, [], {})  # float32, E=32: key 64
     # (128, 64, 3) -> stages 2 -> BLOCK_M 64 -> 32 -> BLOCK_N 32: the first that fits
     assert launched == [((3 * 4,), 32, 32, 2)]
-    assert so._fitted[("dq", 64, 4)] == (32, 32, 8, 2, False)
+    assert so._fitted[("dq", 64, 4, False)] == (32, 32, 8, 2, False)
     # remembered for float32 only: bfloat16 with the same row bytes (E=64) keeps its table entry
     assert so._config("dq", 32, 4) == (64, (32, 32, 8, 2, False))
     assert so._config("dq", 64, 2) == (64, (128, 64, 8, 3, False))
@@ -451,14 +451,32 @@ def test_float32_configurations_override_the_table(so, monkeypatch) -> None:
     key, cfg = so._config("dq", 64, 4)  # float32, head dim 64: 128 bytes/2 per row
     assert (key, cfg) == (128, so.CONFIGS_FLOAT32["dq"][128])
     assert so._config("dq", 128, 2) == (128, so.CONFIGS["dq"][128])  # bf16, same row bytes
-    assert so._config("rowstats", 64, 4) == (128, so.CONFIGS["rowstats"][128])
+    assert so._config("dkdv", 64, 4) == (128, so.CONFIGS["dkdv"][128])  # no float32 entry
+    # over the dO-tangent table too
+    assert so._config("dq", 64, 4, tdo=True) == (128, so.CONFIGS_FLOAT32["dq"][128])
+
+
+def test_dO_tangent_configurations_override_the_table(so, monkeypatch) -> None:
+    """Calls with a dO tangent (fwd_rev) take CONFIGS_TDO where it has an entry; a shrink is
+    remembered per form."""
+    monkeypatch.setattr(so, "INTERPRET", False)
+    monkeypatch.setitem(so.CONFIGS, "dq", {64: (128, 64, 8, 3, False), 128: (64, 32, 4, 2, False)})
+    monkeypatch.setattr(so, "CONFIGS_TDO", {"dq": {128: (128, 32, 8, 2, False)}})
+    monkeypatch.setattr(so, "_fitted", {("dq", 64, 2, True): (64, 64, 8, 2, False)})
+    assert so._config("dq", 128, 2, tdo=True) == (128, (128, 32, 8, 2, False))
+    assert so._config("dq", 128, 2) == (128, (64, 32, 4, 2, False))
+    assert so._config("dq", 64, 2, tdo=True) == (64, (64, 64, 8, 2, False))  # shrunk, this form
+    assert so._config("dq", 64, 2) == (64, (128, 64, 8, 3, False))
+    so.set_config("dq", 64, (32, 32, 4, 2, False), tdo=True)
+    assert so.CONFIGS_TDO["dq"][64] == (32, 32, 4, 2, False)
+    assert so.CONFIGS["dq"][64] == (128, 64, 8, 3, False) and not so._fitted
 
 
 def test_set_config_drops_the_plans_built_with_the_old_tile(so, monkeypatch) -> None:
     """A stored launch plan keeps its tiles: a tile sweep that only edits CONFIGS re-runs the
     first tile's plan for every configuration (the H200 D=128 sweep of 2026-12-02 did)."""
     monkeypatch.setitem(so.CONFIGS, "dq", dict(so.CONFIGS["dq"]))
-    monkeypatch.setattr(so, "_fitted", {("dq", 64, 2): (32, 32, 4, 2, False)})
+    monkeypatch.setattr(so, "_fitted", {("dq", 64, 2, False): (32, 32, 4, 2, False)})
     monkeypatch.setattr(so, "_PLANS", {("hvp", "some layout"): ("a stored plan",)})
     so.set_config("dq", 64, (64, 64, 4, 2, False))
     assert so.CONFIGS["dq"][64] == (64, 64, 4, 2, False)

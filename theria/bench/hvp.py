@@ -36,7 +36,9 @@ float32 kernel), causal and not, at every N ≥ 4096 of the run, 'theria triton'
 `--check` (on by default) first checks the Triton HVP in bf16 and fp32 against float64 by the
 2× rule: its error must be at most twice that of the same computation in torch ops in the same
 dtype (`bench.common.same_dtype_sdpa`), on odd sizes, with causal, mask and GQA cases.
-`--sweep` times the second-order kernels' tile configurations (for `kernels.second_order.CONFIGS`).
+`--sweep` times the second-order kernels' tile configurations in the forms both HVP modes call
+them (for `kernels.second_order.CONFIGS` and `CONFIGS_TDO`), keeps each form's fastest, then
+benchmarks with them.
 """
 
 from __future__ import annotations
@@ -230,29 +232,34 @@ SWEEP = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages, key-major tiles), largest
         (32, 64, 4, 3, False), (64, 64, 4, 3, True), (32, 64, 4, 3, True), (64, 128, 8, 3, True),
         (32, 128, 4, 3, True), (16, 64, 4, 3, False), (64, 64, 4, 2, True),
         (64, 64, 8, 2, True), (64, 64, 8, 3, True), (32, 64, 4, 2, False), (64, 32, 4, 3, False),
-        (32, 32, 4, 3, False),
+        (32, 32, 4, 3, False), (16, 64, 4, 2, False), (32, 32, 4, 2, False), (16, 32, 4, 3, False),
     ],
     "dq": [
         (128, 64, 8, 3, False), (64, 64, 4, 3, False), (128, 64, 4, 3, False),
         (64, 32, 4, 3, False), (128, 32, 4, 3, False), (64, 64, 8, 2, False),
         (64, 32, 4, 2, False), (32, 64, 4, 3, False), (128, 32, 8, 2, False),
+        (32, 64, 4, 2, False), (32, 32, 4, 3, False),
     ],
     "rowstats": [
         (64, 64, 4, 3, False), (128, 64, 8, 3, False), (128, 64, 4, 3, False),
         (64, 32, 4, 3, False), (128, 128, 8, 3, False), (64, 64, 4, 2, False),
-        (32, 64, 4, 3, False), (128, 64, 8, 2, False),
+        (32, 64, 4, 3, False), (128, 64, 8, 2, False), (32, 64, 4, 2, False),
+        (64, 32, 4, 2, False),
     ],
 }  # fmt: skip
 
 
 def sweep(device: torch.device, dims: list[int], N: int = 4096) -> str:
-    """Time `backward_jvp` (all four tangents) per tile configuration of each kernel, the other
-    kernels at their current setting; bf16, B=2, H=16, L = S = N."""
+    """Time `backward_jvp` per tile configuration of each kernel, the other kernels at their
+    current setting; bf16, B=2, H=16, L = S = N. Two forms are timed, as the HVP modes call it:
+    rev_rev's double backward (tangents of Q, K, V; the first pass forms Ȯ and μ: all three
+    kernels; tiles of `second_order.CONFIGS`) and fwd_rev's (a dO tangent too, Ȯ and μ given:
+    no row-statistics kernel; tiles of `CONFIGS_TDO`). Each form keeps its fastest tile."""
     from theria.attention import triton_impl
     from theria.attention.contract import canonicalize
     from theria.attention.kernels import second_order as so
 
-    rows = []
+    rows, chosen = [], []
     for D in dims:
         g = torch.Generator(device).manual_seed(D)
         x = [
@@ -261,30 +268,50 @@ def sweep(device: torch.device, dims: list[int], N: int = 4096) -> str:
         ]
         c = canonicalize(x[0], x[1], x[2], None, 0.0, False, None, False, 256)
         out, lse = triton_impl.forward(c.q, c.k, c.v, None, c.problem)
-        args = (c.q, c.k, c.v, None, c.problem, out, lse, x[3], x[4], x[5], x[6], x[3])
+        tangents = (x[4], x[5], x[6])  # of Q, K, V; x[3] is dO and (fwd_rev) its tangent
+        o_dot, mu = triton_impl.forward_jvp(c.q, c.k, c.v, None, c.problem, out, lse, *tangents)
+        base = (c.q, c.k, c.v, None, c.problem, out, lse, x[3], *tangents)
+        forms = {  # form: (dO tangent given, the call)
+            "rev_rev": (False, lambda a=base: so.backward_jvp(*a, None)),
+            "fwd_rev": (True, lambda a=base, od=o_dot, m=mu: so.backward_jvp(*a, a[7], od, m)),
+        }
         for kernel, configs in SWEEP.items():
             key = min(d for d in so.CONFIGS[kernel] if d >= max(16, 1 << (D - 1).bit_length()))
-            saved = so.CONFIGS[kernel][key]
-            best = None
+            names = ["rev_rev"] if kernel == "rowstats" else list(forms)  # rowstats: rev only
+            best: dict[str, tuple[float, Any]] = {}
             for cfg in configs:
-                so.set_config(kernel, key, cfg)  # also drops the launch plans of earlier tiles
-                try:
-                    m = measure(lambda a=args: so.backward_jvp(*a), device, repeats=10, warmup=2)
-                except Exception as e:  # a configuration that does not compile is a result
-                    rows.append([D, kernel, str(cfg), f"fails: {type(e).__name__}"])
-                    continue
-                if (kernel, key) in so._fitted:  # shrunk at launch: not this configuration
-                    rows.append([D, kernel, str(cfg), "does not fit in shared memory"])
-                    continue
-                rows.append([D, kernel, str(cfg), m.get("ms", "OOM")])
-                if "ms" in m and (best is None or m["ms"] < best[0]):
-                    best = (m["ms"], cfg)
+                times: dict[str, Any] = {"fwd_rev": "(not run)"}
+                for form in names:
+                    tdo, fn = forms[form]
+                    so.set_config(kernel, key, cfg, tdo)  # also drops earlier tiles' plans
+                    try:
+                        m = measure(fn, device, repeats=10, warmup=2)
+                    except Exception as e:  # a configuration that does not compile is a result
+                        times[form] = f"fails: {type(e).__name__}"
+                        continue
+                    if (kernel, key, 2, tdo) in so._fitted:  # shrunk: not this configuration
+                        times[form] = "does not fit in shared memory"
+                        continue
+                    times[form] = m.get("ms", "OOM")
+                    if "ms" in m and (form not in best or m["ms"] < best[form][0]):
+                        best[form] = (m["ms"], cfg)
+                rows.append([D, kernel, str(cfg), times["rev_rev"], times["fwd_rev"]])
                 print(rows[-1], flush=True)
-            so.set_config(kernel, key, best[1] if best else saved)
-            print(f"D={D} {kernel}: best {so.CONFIGS[kernel][key]}", flush=True)
-    return markdown_table(
-        ["D", "kernel", "(BLOCK_M, BLOCK_N, warps, stages)", "backward_jvp ms"], rows
+            for form in names:
+                tdo = forms[form][0]
+                if form in best:  # else the table keeps the last configuration tried
+                    so.set_config(kernel, key, best[form][1], tdo)
+                table = "CONFIGS_TDO" if tdo else "CONFIGS"
+                chosen.append(f"{table}[{kernel!r}][{key}] = {best.get(form, (0, '?'))[1]}")
+                print(f"D={D} {form} {kernel}: best {chosen[-1]}", flush=True)
+    headers = ["D", "kernel", "(BLOCK_M, BLOCK_N, warps, stages, key-major)",
+               "rev_rev form ms", "fwd_rev form ms"]  # fmt: skip
+    what = (
+        "Each cell: one `second_order.backward_jvp` call (all its kernels, median of 10), that "
+        "kernel at that tile and the others at their current entry."
     )
+    kept = "Kept (fastest of each form): " + ", ".join(chosen)
+    return what + "\n\n" + markdown_table(headers, rows) + "\n\n" + kept
 
 
 # ------------------------------------------------------------------------------ benchmark
@@ -380,7 +407,8 @@ def _parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--sizes", type=int, nargs="*", default=[1024, 2048, 4096, 8192, 16384, 32768])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[1024, 2048, 4096, 8192, 16384, 32768],
+                    help="N to time; `--sizes` alone: none (only check, sweep)")  # fmt: skip
     ap.add_argument("--dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
     ap.add_argument("--causal", nargs="+", choices=["no", "yes"], default=["no", "yes"],
@@ -457,10 +485,10 @@ def main(argv: list[str] | None = None) -> None:
             f"{summary}\n\n" + markdown_table(TARGET_HEADERS, rows)
         )
         tail = f"Total wall time {time.time() - t_start:.0f} s" + ("." if final else " (partial).")
+        timed = [goals, table] if args.sizes else []  # `--sizes` with no values: no timings
         body = "\n\n".join(
             [
-                goals,
-                table,
+                *timed,
                 *sections,
                 tail,
                 f"Reproduce: `{command_line('python -m theria.bench hvp', args, ap)}`",

@@ -68,46 +68,61 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the ker
 # Tile shapes per kernel, keyed by the bytes of one padded head row in units of 2 (so a bf16
 # head dim of 64 and a float32 head dim of 32 share an entry: shared memory scales with bytes):
 #     (BLOCK_M, BLOCK_N, num_warps, num_stages, key-major tiles: dkdv only)
-# 64 and 128: the fastest of `python -m theria.bench hvp --sweep` on an H100 (bf16, N=4096,
-# experiments/results/triton_hvp_h100.md); 256 untested. A configuration that does not fit in
-# shared memory is shrunk at launch (`_launch`, announced once).
+# CONFIGS serves the double backward (rev_rev, MAML's mode: tangents of Q, K, V only). 64: the
+# fastest of `python -m theria.bench hvp --sweep` on an H100 (bf16, N=4096,
+# experiments/results/triton_hvp_h100.md; the H200 sweep's best D=64 tiles were within run-to-run
+# noise of these). 128: the H200 sweep's (bf16, N=4096, experiments/results/hvp_sweep_h200.md).
+# 256 untested. A configuration that does not fit is shrunk at launch (`_launch`, announced
+# once).
 Config = tuple[int, int, int, int, bool]
 CONFIGS: dict[str, dict[int, Config]] = {
     "rowstats": {64: (64, 32, 4, 3, False), 128: (64, 64, 4, 3, False), 256: (32, 32, 4, 2, False)},
-    "dq": {64: (128, 64, 8, 3, False), 128: (64, 32, 4, 3, False), 256: (32, 32, 4, 2, False)},
-    "dkdv": {64: (64, 128, 8, 3, True), 128: (32, 64, 4, 3, False), 256: (16, 32, 4, 2, False)},
+    "dq": {64: (128, 64, 8, 3, False), 128: (64, 32, 4, 2, False), 256: (32, 32, 4, 2, False)},
+    "dkdv": {64: (64, 128, 8, 3, True), 128: (16, 64, 4, 3, False), 256: (16, 32, 4, 2, False)},
 }
-# float32 entries that differ (tf32x3 dots split each operand in two, so the tiles hold more):
-# dq at head dim 64 with a dO tangent (the forward-over-reverse HVP) does not fit three stages
-# in an H100's shared memory (tests/attention/test_launch.py on the H100 announced the shrink).
-CONFIGS_FLOAT32: dict[str, dict[int, Config]] = {"dq": {128: (64, 32, 4, 2, False)}}
+# Entries that differ when a dO tangent is given (forward-over-reverse, fwd_rev): one more
+# input tile and its products change which tile is fastest (same sweep: at head dim 128 the
+# double backward's best dQ tile ran 1.5x slower there, shrunk to fit).
+CONFIGS_TDO: dict[str, dict[int, Config]] = {"dq": {128: (128, 32, 8, 2, False)}}
+# float32 entries that differ (tf32x3 dots split each operand in two, so the tiles hold more),
+# over both tables above: dq at head dim 64 with a dO tangent does not fit three stages in an
+# H100's shared memory (tests/attention/test_launch.py on the H100 announced the shrink), nor
+# does rowstats at 64 on the H200 (bench hvp's float32 check announced it, 2026-12-02).
+CONFIGS_FLOAT32: dict[str, dict[int, Config]] = {
+    "dq": {128: (64, 32, 4, 2, False)},
+    "rowstats": {128: (64, 64, 4, 2, False)},
+}
 # The interpreter: the smallest tiles tl.dot takes (16), with BLOCK_M != BLOCK_N so that a
 # mixed-up tile axis cannot pass the CPU tests.
 INTERPRET_CONFIG: Config = (16, 32, 1, 1, True)
-# Configurations shrunk to fit at launch, per (kernel, table key, element size).
-_fitted: dict[tuple[str, int, int], Config] = {}
+# Configurations shrunk to fit at launch, per (kernel, table key, element size, dO tangent).
+_fitted: dict[tuple[str, int, int, bool], Config] = {}
 
 
-def set_config(kernel: str, key: int, cfg: Config) -> None:
-    """Make `cfg` the tile of `kernel` for table key `key` (what a tile sweep does), dropping
-    every stored launch plan and shrunk configuration: a plan keeps the tiles it was built
-    with, so without this a later call of the same layout would run the old tile."""
-    CONFIGS[kernel][key] = cfg
+def set_config(kernel: str, key: int, cfg: Config, tdo: bool = False) -> None:
+    """Make `cfg` the tile of `kernel` for table key `key` (what a tile sweep does), in
+    CONFIGS_TDO when `tdo` (calls with a dO tangent) else in CONFIGS, dropping every stored
+    launch plan and shrunk configuration: a plan keeps the tiles it was built with, so without
+    this a later call of the same layout would run the old tile."""
+    (CONFIGS_TDO.setdefault(kernel, {}) if tdo else CONFIGS[kernel])[key] = cfg
     _fitted.clear()
     _PLANS.clear()
 
 
-def _config(kernel: str, block_e: int, itemsize: int) -> tuple[int, Config]:
-    """(table key, configuration) for a kernel, padded head dim and element size."""
+def _config(kernel: str, block_e: int, itemsize: int, tdo: bool = False) -> tuple[int, Config]:
+    """(table key, configuration) for a kernel, padded head dim, element size and whether a
+    dO tangent is given."""
     if INTERPRET:
         bm, bn, w, st, key_major = INTERPRET_CONFIG
         return 0, (bm, bn, w, st, key_major and kernel == "dkdv")
     table = CONFIGS[kernel]
     width = block_e * itemsize // 2
     key = min((d for d in table if d >= width), default=max(table))
+    if tdo:
+        table = {**table, **CONFIGS_TDO.get(kernel, {})}
     if itemsize == 4:
         table = {**table, **CONFIGS_FLOAT32.get(kernel, {})}
-    return key, _fitted.get((kernel, key, itemsize), table[key])
+    return key, _fitted.get((kernel, key, itemsize, tdo), table[key])
 
 
 def _shrink(cfg: Config) -> Config | None:
@@ -126,7 +141,8 @@ def _launch(kernel, name: str, block_e: int, itemsize: int, rows: int, z: int, a
     """Launch one kernel over z·cdiv(rows, tile) programs (tile = BLOCK_N for dkdv, else
     BLOCK_M); on a shared-memory overflow retry with `_shrink`, announced once. Returns the
     launch as a `kernels.launch.Prepared` (None under the interpreter)."""
-    key, cfg = _config(name, block_e, itemsize)
+    tdo = bool(flags.get("HAS_TDO", False))
+    key, cfg = _config(name, block_e, itemsize, tdo)
     while True:
         bm, bn, warps, stages, key_major = cfg
         extra = {"KEY_MAJOR": key_major} if name == "dkdv" else {}
@@ -138,14 +154,14 @@ def _launch(kernel, name: str, block_e: int, itemsize: int, rows: int, z: int, a
             smaller = _shrink(cfg)
             if smaller is None:
                 raise
+            table = "CONFIGS_FLOAT32" if itemsize == 4 else "CONFIGS_TDO" if tdo else "CONFIGS"
             warn_once(
-                f"triton-hvp-shrink:{name}:{key}:{itemsize}",
+                f"triton-hvp-shrink:{name}:{key}:{itemsize}:{tdo}",
                 f"theria second-order kernel {name}: tile configuration {cfg} does not fit in "
                 f"shared memory for this head dim and dtype; using {smaller} (slower). Set "
-                f"kernels.second_order.{'CONFIGS_FLOAT32' if itemsize == 4 else 'CONFIGS'} "
-                "for this GPU.",
+                f"kernels.second_order.{table} for this GPU.",
             )
-            cfg = _fitted[(name, key, itemsize)] = smaller
+            cfg = _fitted[(name, key, itemsize, tdo)] = smaller
 
 
 # ----------------------------------------------------------------------------------------------
