@@ -60,8 +60,11 @@ def test_command_line_names_every_changed_flag() -> None:
     ap.add_argument("--fast", action="store_true")
     ap.add_argument("--no-check", dest="check", action="store_false")
     ap.add_argument("--name", default="a")
+    ap.add_argument("--tile", action="append", default=[])
     ap.add_argument("--out", default=None)
-    argv = ["--sizes", "3", "--tag", "a b", "--no-check", "--name", "b", "--out", "/tmp/x"]
+    argv = ["--sizes", "3", "--tag", "a b", "--no-check", "--name", "b", "--tile", "x:1",
+            "--tile", "y:2", "--out", "/tmp/x"]  # fmt: skip
     line = command_line("prog", ap.parse_args(argv), ap)
-    assert line == "prog --device cpu --sizes 3 --tag 'a b' --no-check --name b"
+    tiles = "--tile x:1 --tile y:2"  # an append flag: once per value
+    assert line == f"prog --device cpu --sizes 3 --tag 'a b' --no-check --name b {tiles}"
     assert ap.parse_args(shlex.split(line)[1:]) == ap.parse_args(argv[:-2])

@@ -266,6 +266,8 @@ def command_line(
         flag = action.option_strings[0]
         if isinstance(value, bool):  # store_true / store_false: the flag is the value
             parts.append(flag)
+        elif isinstance(value, list) and isinstance(action, argparse._AppendAction):
+            parts.extend(f"{flag} {shlex.quote(str(x))}" for x in value)  # one flag per value
         elif isinstance(value, list):
             parts.append(" ".join([flag, *(shlex.quote(str(x)) for x in value)]))
         else:
