@@ -249,12 +249,15 @@ SWEEP = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages, key-major tiles), largest
 }  # fmt: skip
 
 
-def sweep(device: torch.device, dims: list[int], N: int = 4096) -> str:
+def sweep(
+    device: torch.device, dims: list[int], N: int = 4096, dtype: torch.dtype = torch.bfloat16
+) -> str:
     """Time `backward_jvp` per tile configuration of each kernel, the other kernels at their
-    current setting; bf16, B=2, H=16, L = S = N. Two forms are timed, as the HVP modes call it:
-    rev_rev's double backward (tangents of Q, K, V; the first pass forms Ȯ and μ: all three
-    kernels; tiles of `second_order.CONFIGS`) and fwd_rev's (a dO tangent too, Ȯ and μ given:
-    no row-statistics kernel; tiles of `CONFIGS_TDO`). Each form keeps its fastest tile."""
+    current setting; B=2, H=16, L = S = N (bf16 unless `dtype`). Two forms are timed, as the
+    HVP modes call it: rev_rev's double backward (tangents of Q, K, V; the first pass forms Ȯ
+    and μ: all three kernels; tiles of `second_order.CONFIGS`) and fwd_rev's (a dO tangent
+    too, Ȯ and μ given: no row-statistics kernel; tiles of `CONFIGS_TDO`). Each form keeps its
+    fastest tile; where none ran, the entry it had before."""
     from theria.attention import triton_impl
     from theria.attention.contract import canonicalize
     from theria.attention.kernels import second_order as so
@@ -262,10 +265,7 @@ def sweep(device: torch.device, dims: list[int], N: int = 4096) -> str:
     rows, chosen = [], []
     for D in dims:
         g = torch.Generator(device).manual_seed(D)
-        x = [
-            torch.randn(2, 16, N, D, generator=g, device=device, dtype=torch.bfloat16)
-            for _ in range(7)
-        ]
+        x = [torch.randn(2, 16, N, D, generator=g, device=device, dtype=dtype) for _ in range(7)]
         c = canonicalize(x[0], x[1], x[2], None, 0.0, False, None, False, 256)
         out, lse = triton_impl.forward(c.q, c.k, c.v, None, c.problem)
         tangents = (x[4], x[5], x[6])  # of Q, K, V; x[3] is dO and (fwd_rev) its tangent
@@ -278,6 +278,7 @@ def sweep(device: torch.device, dims: list[int], N: int = 4096) -> str:
         for kernel, configs in SWEEP.items():
             key = min(d for d in so.CONFIGS[kernel] if d >= max(16, 1 << (D - 1).bit_length()))
             names = ["rev_rev"] if kernel == "rowstats" else list(forms)  # rowstats: rev only
+            saved = {False: so.CONFIGS[kernel][key], True: so.CONFIGS_TDO.get(kernel, {}).get(key)}
             best: dict[str, tuple[float, Any]] = {}
             for cfg in configs:
                 times: dict[str, Any] = {"fwd_rev": "(not run)"}
@@ -289,7 +290,7 @@ def sweep(device: torch.device, dims: list[int], N: int = 4096) -> str:
                     except Exception as e:  # a configuration that does not compile is a result
                         times[form] = f"fails: {type(e).__name__}"
                         continue
-                    if (kernel, key, 2, tdo) in so._fitted:  # shrunk: not this configuration
+                    if (kernel, key, dtype.itemsize, tdo) in so._fitted:  # shrunk: not this one
                         times[form] = "does not fit in shared memory"
                         continue
                     times[form] = m.get("ms", "OOM")
@@ -299,8 +300,13 @@ def sweep(device: torch.device, dims: list[int], N: int = 4096) -> str:
                 print(rows[-1], flush=True)
             for form in names:
                 tdo = forms[form][0]
-                if form in best:  # else the table keeps the last configuration tried
+                if form in best:
                     so.set_config(kernel, key, best[form][1], tdo)
+                elif saved[tdo] is not None:  # no tile ran: the entry it had
+                    so.set_config(kernel, key, saved[tdo], tdo)
+                else:  # nor had it one: calls with a dO tangent fall back to CONFIGS again
+                    so.CONFIGS_TDO[kernel].pop(key, None)
+                    so.set_config(kernel, key, so.CONFIGS[kernel][key])
                 table = "CONFIGS_TDO" if tdo else "CONFIGS"
                 chosen.append(f"{table}[{kernel!r}][{key}] = {best.get(form, (0, '?'))[1]}")
                 print(f"D={D} {form} {kernel}: best {chosen[-1]}", flush=True)
