@@ -99,6 +99,16 @@ def test_rev_rev_with_unused_or_linear_parts_gives_zeros_like_fwd_rev() -> None:
             torch.testing.assert_close(x, y)
 
 
+def test_rev_rev_takes_tangents_of_another_dtype() -> None:
+    """The HVP is a vector-Jacobian product of ∇f with the tangents as cotangents: a float64
+    tangent of a float32 primal is rounded to float32 first, as the primal's gradient is."""
+    x = torch.randn(4)
+    u = torch.randn(4, dtype=torch.float64)
+    (hv,) = autodiff.hvp(lambda a: (a**3).sum(), (x,), (u,), "rev_rev")
+    assert hv.dtype == torch.float32
+    torch.testing.assert_close(hv, 6 * x * u.float())
+
+
 def test_fwd_rev_takes_dual_tensors_outside_torch_func_and_torch_func_under_vmap(
     monkeypatch,
 ) -> None:

@@ -115,10 +115,19 @@ def hvp(fn: Callable[..., Tensor], primals: Tree, tangents: Tree, mode: HvpMode 
         with torch.enable_grad():
             out = _call(fn, unflatten(leaves))
             gs = torch.autograd.grad(out, leaves, create_graph=True, allow_unused=True)
-            dot = sum((g * t).sum() for g, t in zip(gs, tflat, strict=True) if g is not None)
-            if not (isinstance(dot, Tensor) and dot.requires_grad):  # ∇f is constant: H = 0
+            # the gradient of ⟨∇f, v⟩ as a vector-Jacobian product of ∇f with cotangent v: the
+            # same values as forming the dot, without its products and sums (and their backward)
+            pairs = [
+                (g, t) for g, t in zip(gs, tflat, strict=True) if g is not None and g.requires_grad
+            ]
+            if not pairs:  # ∇f is constant: H = 0
                 return unflatten([torch.zeros_like(p) for p in flat])
-            hv = torch.autograd.grad(dot, leaves, allow_unused=True)
+            hv = torch.autograd.grad(
+                [g for g, _ in pairs],
+                leaves,
+                grad_outputs=[t.to(g.dtype) for g, t in pairs],
+                allow_unused=True,
+            )
         return unflatten(
             [torch.zeros_like(p) if h is None else h for p, h in zip(leaves, hv, strict=True)]
         )
