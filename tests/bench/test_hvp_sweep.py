@@ -60,3 +60,4 @@ def test_each_form_keeps_its_fastest_tile(monkeypatch) -> None:
     assert set(calls) == {False, True}
     assert "fails: RuntimeError" in report and "(not run)" in report  # rowstats: rev only
     assert "CONFIGS_TDO['dkdv'][64] = (16, 32, 4, 2, True)" in report
+    assert "CONFIGS_TDO['dq'][64] = no entry (no tile ran: CONFIGS serves it)" in report

@@ -308,7 +308,12 @@ def sweep(
                     so.CONFIGS_TDO[kernel].pop(key, None)
                     so.set_config(kernel, key, so.CONFIGS[kernel][key])
                 table = "CONFIGS_TDO" if tdo else "CONFIGS"
-                chosen.append(f"{table}[{kernel!r}][{key}] = {best.get(form, (0, '?'))[1]}")
+                pick = (
+                    best[form][1] if form in best
+                    else f"{saved[tdo]} (no tile ran: unchanged)" if saved[tdo] is not None
+                    else "no entry (no tile ran: CONFIGS serves it)"
+                )  # fmt: skip
+                chosen.append(f"{table}[{kernel!r}][{key}] = {pick}")
                 print(f"D={D} {form} {kernel}: best {chosen[-1]}", flush=True)
     headers = ["D", "kernel", "(BLOCK_M, BLOCK_N, warps, stages, key-major)",
                "rev_rev form ms", "fwd_rev form ms"]  # fmt: skip
