@@ -24,6 +24,7 @@ from theria import autodiff
 from theria.bench.common import (
     RESULTS_DIR,
     command_line,
+    device_kernel_times,
     environment,
     markdown_table,
     measure,
@@ -33,24 +34,13 @@ from theria.bench.hvp import CUDNN, FUSED, PATHS, THERIA, _fused_fwd_bwd, _loss
 
 
 def kernel_times(fn: Callable[[], object], calls: int) -> dict[str, tuple[float, float]]:
-    """{kernel name: (launches per call, device ms per call)} over `calls` back-to-back calls
-    under torch.profiler (CUDA activity only, so the host is not slowed by tracing)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
+    """`bench.common.device_kernel_times` with long kernel names cut to 60 characters (kernels
+    whose names agree that far are summed)."""
     out: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-    for e in prof.key_averages():
-        if "cuda" not in str(getattr(e, "device_type", "")).lower():
-            continue
-        if e.self_device_time_total <= 0:
-            continue
-        name = e.key if len(e.key) <= 60 else e.key[:57] + "..."
-        out[name][0] += e.count / calls
-        out[name][1] += e.self_device_time_total / 1e3 / calls
+    for key, (n, ms) in device_kernel_times(fn, torch.device("cuda"), calls).items():
+        name = key if len(key) <= 60 else key[:57] + "..."
+        out[name][0] += n
+        out[name][1] += ms
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "Progress",
     "command_line",
     "device_kernel_ms",
+    "device_kernel_times",
     "environment",
     "markdown_table",
     "measure",
@@ -148,9 +149,11 @@ def measure(
     return {"ms": statistics.median(times), "ms_min": min(times), "peak_mb": peak}
 
 
-def device_kernel_ms(fn: Callable[[], Any], device: torch.device, calls: int = 1) -> float:
-    """CUDA kernel time (ms) per call of `fn`, summed over `calls` back-to-back calls under
-    torch.profiler with the CUDA activity only (so the host is not slowed by tracing)."""
+def device_kernel_times(
+    fn: Callable[[], Any], device: torch.device, calls: int = 1
+) -> dict[str, tuple[float, float]]:
+    """{CUDA kernel: (launches per call, ms per call)} of `fn` over `calls` back-to-back calls
+    under torch.profiler with the CUDA activity only (so the host is not slowed by tracing)."""
     from torch.profiler import ProfilerActivity, profile
 
     _sync(device)
@@ -158,12 +161,18 @@ def device_kernel_ms(fn: Callable[[], Any], device: torch.device, calls: int = 1
         for _ in range(calls):
             fn()
         _sync(device)
-    kernel_us = sum(
-        e.self_device_time_total
+    return {
+        e.key: (e.count / calls, e.self_device_time_total / 1e3 / calls)
         for e in prof.key_averages()
-        if getattr(e, "device_type", None) is not None and "cuda" in str(e.device_type).lower()
-    )
-    return kernel_us / 1e3 / calls
+        if getattr(e, "device_type", None) is not None
+        and "cuda" in str(e.device_type).lower()
+        and e.self_device_time_total > 0
+    }
+
+
+def device_kernel_ms(fn: Callable[[], Any], device: torch.device, calls: int = 1) -> float:
+    """CUDA kernel time (ms) per call of `fn` (`device_kernel_times` summed)."""
+    return sum(ms for _, ms in device_kernel_times(fn, device, calls).values())
 
 
 def ratios(

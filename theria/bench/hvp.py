@@ -301,18 +301,16 @@ def sweep(
             for form in names:
                 tdo = forms[form][0]
                 if form in best:
-                    so.set_config(kernel, key, best[form][1], tdo)
+                    pick = best[form][1]
+                    so.set_config(kernel, key, pick, tdo)
                 elif saved[tdo] is not None:  # no tile ran: the entry it had
+                    pick = f"{saved[tdo]} (no tile ran: unchanged)"
                     so.set_config(kernel, key, saved[tdo], tdo)
                 else:  # nor had it one: calls with a dO tangent fall back to CONFIGS again
+                    pick = "no entry (no tile ran: CONFIGS serves it)"
                     so.CONFIGS_TDO[kernel].pop(key, None)
-                    so.set_config(kernel, key, so.CONFIGS[kernel][key])
+                    so.set_config(kernel, key, so.CONFIGS[kernel][key])  # drops the plans
                 table = "CONFIGS_TDO" if tdo else "CONFIGS"
-                pick = (
-                    best[form][1] if form in best
-                    else f"{saved[tdo]} (no tile ran: unchanged)" if saved[tdo] is not None
-                    else "no entry (no tile ran: CONFIGS serves it)"
-                )  # fmt: skip
                 chosen.append(f"{table}[{kernel!r}][{key}] = {pick}")
                 print(f"D={D} {form} {kernel}: best {chosen[-1]}", flush=True)
     headers = ["D", "kernel", "(BLOCK_M, BLOCK_N, warps, stages, key-major)",
