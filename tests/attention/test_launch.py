@@ -135,3 +135,40 @@ def test_prepared_launch_swaps_arguments_and_refuses_missing_ones(monkeypatch):
     assert grid_and_stream == (4, 2, 1, 7) and values == ("a1", 16, "b1", 5)
     with pytest.raises(RuntimeError, match=r"without arguments \[1\]"):
         kept.run([(0, "a2")])
+
+
+class _FakeScratchCompiled(_FakeCompiled):
+    """A compiled kernel that needs global scratch (as the TMA path's do): its launcher records
+    which allocator Triton would call for it."""
+
+    class metadata:  # Triton's attribute name
+        global_scratch_size = 128
+
+    def run(self, *args):
+        from triton.runtime import _allocation
+
+        self.calls.append((_allocation._allocator.get(), *args))
+
+
+@pytest.mark.skipif(not L.SCRATCH, reason="this Triton keeps no launch allocator to scope")
+def test_scratch_kernels_get_torch_scratch_only_during_their_launch(monkeypatch):
+    """Triton refuses a kernel that needs global scratch unless an allocator was set; a prepared
+    launch of one sets PyTorch's for the launch only, and keeps one the program set."""
+    from triton.runtime import _allocation
+
+    monkeypatch.setattr(L, "_stream", lambda device: 7)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    c = _FakeScratchCompiled()
+    prep = L.Prepared(c, (1, 1, 1), ["a"], [0])
+    assert prep.scratch and not L.Prepared(_FakeCompiled(), (1, 1, 1), ["a"], [0]).scratch
+    before = _allocation._allocator.get()
+    prep.run(())
+    assert c.calls[-1][0] is L._torch_scratch
+    assert _allocation._allocator.get() is before  # restored after the launch
+    mine = lambda size, align, stream: None  # noqa: E731
+    token = _allocation._allocator.set(mine)
+    try:
+        prep.run(())
+        assert c.calls[-1][0] is mine  # the program's own allocator is kept
+    finally:
+        _allocation._allocator.reset(token)

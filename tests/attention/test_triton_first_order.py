@@ -303,3 +303,70 @@ def test_dot_precision_per_dtype_and_head_width():
     consts = triton_impl._consts_cached(72, 40, torch.float32, 0, False)
     assert consts["PREC"] == wide  # the padded width (128) decides, not E
     assert triton_impl._consts_cached(40, 64, torch.float32, 0, False)["PREC"] == "tf32x3"
+
+
+# (name, B, Hq, Hkv, L, S, E, Ev, mask kind, causal): head dims whose rows are 16-byte aligned
+# in float32 and float64, so that every streamed operand may be read by tensor descriptor
+TMA_CASES = [
+    ("plain", 1, 2, 2, 21, 37, 8, 12, None, False),
+    ("causal-L>S", 2, 2, 2, 29, 19, 16, 8, None, True),
+    ("gqa-padding", 1, 4, 2, 10, 23, 8, 8, "padding", False),
+]
+
+
+@pytest.mark.parametrize("tiles", [(16, 16), (32, 16)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", TMA_CASES, ids=[c[0] for c in TMA_CASES])
+def test_descriptor_loads_match_reference(case, dtype, tiles, monkeypatch):
+    """The TMA path (K, V by tensor descriptor in the forward and dQ pass, Q, dO in the dK/dV
+    pass; zero-filled past the edges, which the tails of these shapes reach) gives the
+    reference's values; it runs on Hopper GPUs for 16-bit inputs, here forced in the
+    interpreter. Every kernel of the call is checked to have taken it."""
+    monkeypatch.setattr(triton_impl, "FORCE_TMA", True)
+    monkeypatch.setattr(triton_impl, "INTERPRET_TILES", tiles)
+    taken = []
+    launch = triton_impl._launch
+
+    def spy(tuned, plain, grid_rows, zb, args, consts):
+        taken.append((plain.fn.__name__, consts.get("TMA")))
+        return launch(tuned, plain, grid_rows, zb, args, consts)
+
+    monkeypatch.setattr(triton_impl, "_launch", spy)
+    q, k, v, kw = _inputs(case, dtype)
+    # each input a view into storage with NaN rows and columns past its edges: a tile read
+    # there must be zero-filled (a 0 weight times NaN would still poison the result)
+    prim = tuple(_nan_padded(x).requires_grad_() for x in (q, k, v))
+    tri, ref = _sdpa("triton", **kw), _sdpa("reference", **kw)
+    out = tri(*prim)
+    tol = _tol(dtype)
+    torch.testing.assert_close(out, ref(*prim), **tol)
+    do = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, prim, do),
+                    torch.autograd.grad(ref(*prim), prim, do), strict=True):  # fmt: skip
+        torch.testing.assert_close(a, b, **tol)
+    assert sorted(set(taken)) == [("_attn_bwd_dkdv", True), ("_attn_bwd_dq", True),
+                                  ("_attn_fwd", True)]  # fmt: skip
+
+
+def _nan_padded(x: torch.Tensor) -> torch.Tensor:
+    """x as a leaf view into storage with 3 more rows and 4 more columns of NaN (its rows stay
+    16-byte aligned for the head dims of TMA_CASES)."""
+    *batch, n, e = x.shape
+    big = torch.full((*batch, n + 3, e + 4), float("nan"), dtype=x.dtype)
+    big[..., :n, :e] = x
+    return big[..., :n, :e]
+
+
+def test_descriptor_loads_need_aligned_rows(monkeypatch):
+    """A head dim whose rows are not 16-byte aligned (float32, E = 6: 24 bytes), or a column
+    stride other than 1, keeps pointer loads for that operand."""
+    monkeypatch.setattr(triton_impl, "FORCE_TMA", True)
+    x = torch.randn(2, 3, 8, dtype=torch.float32)
+    lay = triton_impl._Batch((2,), [x])
+    assert triton_impl._tma(x, x, lay, x)
+    odd = torch.randn(2, 3, 6, dtype=torch.float32)
+    assert not triton_impl._tma(odd, odd, triton_impl._Batch((2,), [odd]), odd)
+    cols = torch.randn(2, 8, 3, dtype=torch.float32).transpose(-1, -2)  # column stride 3
+    assert not triton_impl._tma(cols, cols, triton_impl._Batch((2,), [cols]), cols)
+    monkeypatch.setattr(triton_impl, "FORCE_TMA", False)
+    assert not triton_impl._tma(x, x, lay, x)  # interpreter: pointer loads unless forced

@@ -55,8 +55,8 @@ from theria.attention.kernels import (
     precision,
 )
 from theria.attention.kernels import first_order as K
+from theria.attention.kernels.launch import SCRATCH, launch, layout_key, scratch_allocator
 from theria.attention.kernels.launch import enabled as fast_launch_enabled
-from theria.attention.kernels.launch import launch, layout_key
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the kernels were built
 # (BLOCK_M, BLOCK_N) in the interpreter: the smallest tile tl.dot takes, which keeps its work
@@ -266,6 +266,49 @@ def _scale_arg(problem: Problem, dtype: torch.dtype, device: torch.device) -> Te
 _SCALES: dict[tuple, Tensor] = {}
 
 
+# Tensor descriptors (TMA loads) for the first-order kernels' streamed operands on Hopper and
+# newer: K and V in the forward and the dQ pass, Q and dO in the dK/dV pass, for padded heads of
+# TMA_MIN_HEAD (128). Measured on an H200 (bf16, B=2, H=16, kernels alone,
+# experiments/results/triton_first_order_tma_h200.md): at head dim 128 a forward + backward took
+# 0.95-0.96x the pointer loads' time without causality and 0.99-1.02x with it; at head dim 64
+# 0.92-1.08x, within the machine's own drift, so 64-wide heads keep pointer loads.
+# THERIA_TRITON_TMA=0 (read at import) keeps pointer loads everywhere, for measurements.
+# FORCE_TMA (tests) takes the descriptor path in the interpreter at any head dim, where it runs
+# in float32 and float64.
+_TMA_ENV = os.environ.get("THERIA_TRITON_TMA", "1") != "0"
+TMA_MIN_HEAD = 128
+FORCE_TMA = False
+
+
+@functools.lru_cache(maxsize=16)
+def _tma_device(device: torch.device) -> bool:
+    return _TMA_ENV and SCRATCH and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _tma(q: Tensor, v: Tensor, lay: _Batch, *tensors: Tensor) -> bool:
+    """Whether a kernel may read `tensors` (expanded views of `lay`) through tensor descriptors:
+    16-bit inputs with heads (q's E, v's Ev) padded to TMA_MIN_HEAD on a GPU with TMA (or
+    FORCE_TMA in the interpreter), and per tensor a unit column stride, 16-byte aligned rows and
+    batch steps and a 16-byte aligned start, which a descriptor needs. Everything here is part of
+    a launch plan's key (shapes, strides, dtypes, alignment, device), so a stored plan never
+    meets a call that would decide otherwise."""
+    if INTERPRET:
+        if not FORCE_TMA:
+            return False
+    elif (
+        q.dtype not in (torch.float16, torch.bfloat16)
+        or padded_head(q.shape[-1], v.shape[-1]) < TMA_MIN_HEAD
+        or not _tma_device(q.device)
+    ):
+        return False
+    for t in tensors:
+        step = 16 // t.element_size()
+        *outer, s_col = lay.strides(t)
+        if s_col != 1 or any(x % step for x in outer) or t.data_ptr() % 16:
+            return False
+    return True
+
+
 def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()  # next power of two (plain Python: cheap per call)
 
@@ -331,7 +374,8 @@ def _launch(tuned: Any, plain: Any, grid_rows: int, zb: int, args: list, consts:
     def grid_fn(meta: dict) -> tuple[int, int]:
         return (triton.cdiv(grid_rows, meta["BLOCK_N"] if by_keys else meta["BLOCK_M"]), zb)
 
-    tuned[grid_fn](*args, **consts)  # autotunes this key (once), then launches the best
+    with scratch_allocator():  # the autotuner's launches (descriptors need scratch)
+        tuned[grid_fn](*args, **consts)  # autotunes this key (once), then launches the best
     _BEST[key] = tuned.best_config
     return None
 
@@ -462,6 +506,7 @@ def _forward(
     ]  # fmt: skip
     consts = _consts(q, v, mask_kind, problem, L, S)
     consts.update(JVP=jvp, HAS_TQ=tq is not None, HAS_TK=tk is not None, HAS_TV=tv is not None)
+    consts["TMA"] = not jvp and _tma(q, v, lay, ke, ve)  # the fused JVP keeps pointer loads
     tuned = K.attn_fwd_dual_tuned if jvp else K.attn_fwd_tuned
     prep = _launch(tuned, K.attn_fwd_plain, L, lay.size, args, consts)
     if not lay.copied and prep is not None:
@@ -620,10 +665,13 @@ def backward(
     scale = _scale_arg(problem, q.dtype, q.device)
     head = [qe, ke, ve, me, doe, scale, lse_c, delta]
     # dQ first: it stores δ, which the dK/dV pass reads (same stream, so in order)
+    # (the dQ pass streams K and V, the dK/dV pass Q and dO: each may read them by descriptor)
+    dq_consts = {**consts, "TMA": _tma(q, v, lay, ke, ve)}
     dq_run = _launch(K.attn_bwd_dq_tuned, K.attn_bwd_dq_plain, L, zb,
-                     [*head, dq, out_c, *common], consts)  # fmt: skip
+                     [*head, dq, out_c, *common], dq_consts)  # fmt: skip
+    dkdv_consts = {**consts, "TMA": _tma(q, v, lay, qe, doe)}
     dkdv = _launch(K.attn_bwd_dkdv_tuned, K.attn_bwd_dkdv_plain, S, zb, [*head, dk, dv, *common],
-                   consts)  # fmt: skip
+                   dkdv_consts)  # fmt: skip
     if not lay.copied and _same(out_c, out) and _same(lse_c, lse) and None not in (dkdv, dq_run):
         specs = [(t.shape, t.dtype) for t in (delta, dq, dk, dv)]
         reduced = any(g.shape != x.shape or g.dtype != x.dtype

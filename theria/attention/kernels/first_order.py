@@ -89,6 +89,17 @@ def _batch_offset(pid_b, Z1, Z2, s0, s1, s2):
 
 
 @triton.jit
+def _descriptor(X, rows, cols, s_row, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A tensor descriptor of one batch entry's (rows, cols) matrix at X (unit column stride)
+    whose loads read (BLOCK_R, BLOCK_C) tiles through Hopper's TMA unit, zero past the edges.
+    The launcher only asks for one (TMA=True) where X, the batch offsets and s_row are 16-byte
+    aligned (`theria.attention.triton_impl._tma`). Created per program on the device (Triton
+    writes it to a global scratch buffer that the launch allocates)."""
+    return tl.make_tensor_descriptor(X, shape=[rows, cols], strides=[s_row, 1],
+                                     block_shape=[BLOCK_R, BLOCK_C])  # fmt: skip
+
+
+@triton.jit
 def _mask_scores(
     s,
     qi,
@@ -149,13 +160,18 @@ def _fwd_block(
     EVEN_N: tl.constexpr, JVP: tl.constexpr, HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr,
     HAS_TV: tl.constexpr, NATURAL: tl.constexpr, ACCURATE: tl.constexpr, RLN: tl.constexpr,
     PREC: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr,
 ):  # fmt: skip
     """One key block of the online softmax (and of the fused JVP); CAUSAL_HERE says whether
-    this block straddles the diagonal and needs the causal mask."""
+    this block straddles the diagonal and needs the causal mask. With TMA, K and V are tensor
+    descriptors of this batch entry's (S, E) and (S, Ev) (rows and columns past them read 0)."""
     cols = start_n + offs_n
     col_ok = cols[None, :] < S
-    kT = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd,
-                 mask=col_ok & (offs_d[:, None] < E), other=0.0)  # fmt: skip
+    if TMA:
+        kT = tl.trans(K.load([start_n, 0]))
+    else:
+        kT = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd,
+                     mask=col_ok & (offs_d[:, None] < E), other=0.0)  # fmt: skip
     s = scale_scores(tl.dot(q, kT, input_precision=PREC, out_dtype=ACC), qk_scale, q.dtype)
     s = _mask_scores(s, offs_m[:, None], cols[None, :], MASK, smm, smn, L, S,
                      RLN, MASK_KIND, CAUSAL_HERE, EVEN_N)  # fmt: skip
@@ -164,8 +180,11 @@ def _fwd_block(
     p = _exp(s - m_safe[:, None], NATURAL, ACCURATE)
     alpha = _exp(m_i - m_safe, NATURAL, ACCURATE)  # rescales what earlier blocks summed
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(V + cols[:, None] * svn + offs_e[None, :] * svd,
-                mask=(cols[:, None] < S) & (offs_e[None, :] < EV), other=0.0)  # fmt: skip
+    if TMA:
+        v = V.load([start_n, 0])
+    else:
+        v = tl.load(V + cols[:, None] * svn + offs_e[None, :] * svd,
+                    mask=(cols[:, None] < S) & (offs_e[None, :] < EV), other=0.0)  # fmt: skip
     acc = acc * alpha[:, None]
     # (BM, BN) @ (BN, Dv)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC, out_dtype=ACC)
@@ -207,8 +226,10 @@ def _attn_fwd(
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr,
     JVP: tl.constexpr, HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
     F64: tl.constexpr, NATURAL: tl.constexpr, ACCURATE: tl.constexpr, RLN: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, TMA: tl.constexpr = False,
 ):  # fmt: skip
+    """TMA: K and V are read through tensor descriptors (Hopper's TMA unit) instead of pointer
+    loads (see `_descriptor`)."""
     ACC = tl.float64 if F64 else tl.float32
     start_m = tl.program_id(0) * BLOCK_M
     pid_b = tl.program_id(1)
@@ -220,6 +241,9 @@ def _attn_fwd(
     K += _batch_offset(pid_b, Z1, Z2, sk0, sk1, sk2)
     V += _batch_offset(pid_b, Z1, Z2, sv0, sv1, sv2)
     MASK += _batch_offset(pid_b, Z1, Z2, sm0, sm1, sm2)
+    if TMA:
+        K = _descriptor(K, S, E, skn, BLOCK_N, BLOCK_D)
+        V = _descriptor(V, S, EV, svn, BLOCK_N, BLOCK_DV)
     qk_scale = tl.load(SCALE).to(ACC)  # scale·log2(e) (scale when NATURAL)
     t_scale = tl.load(SCALE + 1).to(ACC)  # scale, for the score tangent
 
@@ -258,17 +282,18 @@ def _attn_fwd(
             skn, skd, svn, svd, smm, smn, stkn, stkd, stvn, stvd,
             offs_m, offs_n, offs_d, offs_e, L, S,
             E, EV, MASK_KIND, False, EVEN_N, JVP, HAS_TQ, HAS_TK, HAS_TV,
-            NATURAL, ACCURATE, RLN, PREC, ACC, BLOCK_M, BLOCK_N,
+            NATURAL, ACCURATE, RLN, PREC, ACC, BLOCK_M, BLOCK_N, TMA,
         )  # fmt: skip
-    for start_n in range(full_hi, hi, BLOCK_N):
-        m_i, l_i, acc, mu_i, acc_a, acc_b = _fwd_block(
-            start_n, q, tq, m_i, l_i, acc, mu_i, acc_a, acc_b,
-            K, V, MASK, TK, TV, qk_scale, t_scale,
-            skn, skd, svn, svd, smm, smn, stkn, stkd, stvn, stvd,
-            offs_m, offs_n, offs_d, offs_e, L, S,
-            E, EV, MASK_KIND, IS_CAUSAL, EVEN_N, JVP, HAS_TQ, HAS_TK, HAS_TV,
-            NATURAL, ACCURATE, RLN, PREC, ACC, BLOCK_M, BLOCK_N,
-        )  # fmt: skip
+    if IS_CAUSAL:  # (without causality full_hi = hi: no second loop is compiled)
+        for start_n in range(full_hi, hi, BLOCK_N):
+            m_i, l_i, acc, mu_i, acc_a, acc_b = _fwd_block(
+                start_n, q, tq, m_i, l_i, acc, mu_i, acc_a, acc_b,
+                K, V, MASK, TK, TV, qk_scale, t_scale,
+                skn, skd, svn, svd, smm, smn, stkn, stkd, stvn, stvd,
+                offs_m, offs_n, offs_d, offs_e, L, S,
+                E, EV, MASK_KIND, IS_CAUSAL, EVEN_N, JVP, HAS_TQ, HAS_TK, HAS_TV,
+                NATURAL, ACCURATE, RLN, PREC, ACC, BLOCK_M, BLOCK_N, TMA,
+            )  # fmt: skip
 
     empty = l_i == 0.0  # every key of the row masked
     l_1 = tl.where(empty, 1.0, l_i)
@@ -432,13 +457,17 @@ def _dkdv_block(
     sqm, sqd, smm, smn, sdom, sdod, offs_m, offs_n, offs_d, offs_e, L, S,
     E: tl.constexpr, EV: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL_HERE: tl.constexpr,
     EVEN_M: tl.constexpr, NATURAL: tl.constexpr, ACCURATE: tl.constexpr, RLN: tl.constexpr,
-    PREC: tl.constexpr, ACC: tl.constexpr,
+    PREC: tl.constexpr, ACC: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
-    """One query block of `_attn_bwd_dkdv` (CAUSAL_HERE: the block straddles the diagonal)."""
+    """One query block of `_attn_bwd_dkdv` (CAUSAL_HERE: the block straddles the diagonal;
+    TMA: Q and DO are tensor descriptors)."""
     rows = start_m + offs_m
     row_ok = rows[None, :] < L
-    qT = tl.load(Q + rows[None, :] * sqm + offs_d[:, None] * sqd,
-                 mask=row_ok & (offs_d[:, None] < E), other=0.0)  # fmt: skip
+    if TMA:
+        qT = tl.trans(Q.load([start_m, 0]))
+    else:
+        qT = tl.load(Q + rows[None, :] * sqm + offs_d[:, None] * sqd,
+                     mask=row_ok & (offs_d[:, None] < E), other=0.0)  # fmt: skip
     lse, lse_lo = load_lse(LSE, row_base + rows, rows < L, RLN, ACC)
     sT = scale_scores(tl.dot(k, qT, input_precision=PREC, out_dtype=ACC), qk_scale, k.dtype)
     sT = _mask_scores(sT, rows[None, :], offs_n[:, None], MASK, smm, smn, L, S,
@@ -446,8 +475,11 @@ def _dkdv_block(
     pT = _exp(minus_lse(sT, lse[None, :], lse_lo[None, :], LSE, ACC), NATURAL, ACCURATE)
     if not EVEN_M:
         pT = tl.where(row_ok, pT, 0.0)  # rows past L
-    do = tl.load(DO + rows[:, None] * sdom + offs_e[None, :] * sdod,
-                 mask=(rows[:, None] < L) & (offs_e[None, :] < EV), other=0.0)  # fmt: skip
+    if TMA:
+        do = DO.load([start_m, 0])
+    else:
+        do = tl.load(DO + rows[:, None] * sdom + offs_e[None, :] * sdod,
+                     mask=(rows[:, None] < L) & (offs_e[None, :] < EV), other=0.0)  # fmt: skip
     # (BN, BM) @ (BM, Dv)
     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC, out_dtype=ACC)
     delta = tl.load(DELTA + row_base + rows, mask=rows < L, other=0.0)
@@ -472,10 +504,11 @@ def _attn_bwd_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_M: tl.constexpr,
     F64: tl.constexpr, NATURAL: tl.constexpr, ACCURATE: tl.constexpr, RLN: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, TMA: tl.constexpr = False,
 ):  # fmt: skip
     """One key block per program, looping over query blocks; works on transposed tiles
-    (keys × queries) so that Pᵀ and dSᵀ come out without a transpose."""
+    (keys × queries) so that Pᵀ and dSᵀ come out without a transpose. TMA: Q and dO are read
+    through tensor descriptors (`_descriptor`)."""
     ACC = tl.float64 if F64 else tl.float32
     start_n = tl.program_id(0) * BLOCK_N
     pid_b = tl.program_id(1)
@@ -488,6 +521,9 @@ def _attn_bwd_dkdv(
     V += _batch_offset(pid_b, Z1, Z2, sv0, sv1, sv2)
     MASK += _batch_offset(pid_b, Z1, Z2, sm0, sm1, sm2)
     DO += _batch_offset(pid_b, Z1, Z2, sdo0, sdo1, sdo2)
+    if TMA:
+        Q = _descriptor(Q, L, E, sqm, BLOCK_M, BLOCK_D)
+        DO = _descriptor(DO, L, EV, sdom, BLOCK_M, BLOCK_DV)
     row_base = pid_b.to(tl.int64) * L
     qk_scale = tl.load(SCALE).to(ACC)
     key_ok = offs_n[:, None] < S
@@ -503,17 +539,18 @@ def _attn_bwd_dkdv(
         lo = (start_n // BLOCK_M) * BLOCK_M  # queries i < start_n see none of these keys
         # from full_lo on, every query of a block sees all of these keys: no causal mask
         full_lo = tl.minimum(tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M, L)
-    for start_m in range(lo, full_lo, BLOCK_M):  # the blocks that straddle the diagonal
-        dk, dv = _dkdv_block(
-            start_m, k, v, dk, dv, Q, MASK, DO, LSE, DELTA, qk_scale, row_base,
-            sqm, sqd, smm, smn, sdom, sdod, offs_m, offs_n, offs_d, offs_e, L, S,
-            E, EV, MASK_KIND, IS_CAUSAL, EVEN_M, NATURAL, ACCURATE, RLN, PREC, ACC,
-        )  # fmt: skip
+        # (without causality lo = full_lo = 0: this loop is not compiled)
+        for start_m in range(lo, full_lo, BLOCK_M):  # the blocks that straddle the diagonal
+            dk, dv = _dkdv_block(
+                start_m, k, v, dk, dv, Q, MASK, DO, LSE, DELTA, qk_scale, row_base,
+                sqm, sqd, smm, smn, sdom, sdod, offs_m, offs_n, offs_d, offs_e, L, S,
+                E, EV, MASK_KIND, IS_CAUSAL, EVEN_M, NATURAL, ACCURATE, RLN, PREC, ACC, TMA,
+            )  # fmt: skip
     for start_m in range(full_lo, L, BLOCK_M):
         dk, dv = _dkdv_block(
             start_m, k, v, dk, dv, Q, MASK, DO, LSE, DELTA, qk_scale, row_base,
             sqm, sqd, smm, smn, sdom, sdod, offs_m, offs_n, offs_d, offs_e, L, S,
-            E, EV, MASK_KIND, False, EVEN_M, NATURAL, ACCURATE, RLN, PREC, ACC,
+            E, EV, MASK_KIND, False, EVEN_M, NATURAL, ACCURATE, RLN, PREC, ACC, TMA,
         )  # fmt: skip
     dk = dk * tl.load(SCALE + 1).to(ACC)  # dK = scale·dSᵀ Q
     kv_base = pid_b.to(tl.int64) * S
@@ -529,15 +566,20 @@ def _dq_block(
     skn, skd, svn, svd, smm, smn, offs_m, offs_n, offs_d, offs_e, L, S,
     E: tl.constexpr, EV: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL_HERE: tl.constexpr,
     EVEN_N: tl.constexpr, NATURAL: tl.constexpr, ACCURATE: tl.constexpr, RLN: tl.constexpr,
-    PREC: tl.constexpr, ACC: tl.constexpr,
+    PREC: tl.constexpr, ACC: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
-    """One key block of `_attn_bwd_dq` (CAUSAL_HERE: the block straddles the diagonal)."""
+    """One key block of `_attn_bwd_dq` (CAUSAL_HERE: the block straddles the diagonal; TMA: K
+    and V are tensor descriptors)."""
     cols = start_n + offs_n
     col_ok = cols[None, :] < S
-    kT = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd,
-                 mask=col_ok & (offs_d[:, None] < E), other=0.0)  # fmt: skip
-    vT = tl.load(V + cols[None, :] * svn + offs_e[:, None] * svd,
-                 mask=col_ok & (offs_e[:, None] < EV), other=0.0)  # fmt: skip
+    if TMA:
+        kT = tl.trans(K.load([start_n, 0]))
+        vT = tl.trans(V.load([start_n, 0]))
+    else:
+        kT = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd,
+                     mask=col_ok & (offs_d[:, None] < E), other=0.0)  # fmt: skip
+        vT = tl.load(V + cols[None, :] * svn + offs_e[:, None] * svd,
+                     mask=col_ok & (offs_e[:, None] < EV), other=0.0)  # fmt: skip
     s = scale_scores(tl.dot(q, kT, input_precision=PREC, out_dtype=ACC), qk_scale, q.dtype)
     s = _mask_scores(s, offs_m[:, None], cols[None, :], MASK, smm, smn, L, S,
                      RLN, MASK_KIND, CAUSAL_HERE, EVEN_N)  # fmt: skip
@@ -565,11 +607,12 @@ def _attn_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr,
     F64: tl.constexpr, NATURAL: tl.constexpr, ACCURATE: tl.constexpr, RLN: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, TMA: tl.constexpr = False,
 ):  # fmt: skip
     """One query block per program, looping over key blocks: dQ = scale·Σ_blocks dS K. The
     program first computes its rows' δ = rowsum(dO∘O) (FlashAttention-2, Alg. 2 line 4) and
-    stores it for `_attn_bwd_dkdv`: one launch fewer than a separate preprocess pass."""
+    stores it for `_attn_bwd_dkdv`: one launch fewer than a separate preprocess pass. TMA: K
+    and V are read through tensor descriptors (`_descriptor`)."""
     ACC = tl.float64 if F64 else tl.float32
     start_m = tl.program_id(0) * BLOCK_M
     pid_b = tl.program_id(1)
@@ -582,6 +625,9 @@ def _attn_bwd_dq(
     V += _batch_offset(pid_b, Z1, Z2, sv0, sv1, sv2)
     MASK += _batch_offset(pid_b, Z1, Z2, sm0, sm1, sm2)
     DO += _batch_offset(pid_b, Z1, Z2, sdo0, sdo1, sdo2)
+    if TMA:
+        K = _descriptor(K, S, E, skn, BLOCK_N, BLOCK_D)
+        V = _descriptor(V, S, EV, svn, BLOCK_N, BLOCK_DV)
     row_base = pid_b.to(tl.int64) * L
     qk_scale = tl.load(SCALE).to(ACC)
     row_ok = offs_m[:, None] < L
@@ -601,14 +647,15 @@ def _attn_bwd_dq(
         dq = _dq_block(
             start_n, q, do, lse, lse_lo, delta, dq, K, V, MASK, LSE, qk_scale,
             skn, skd, svn, svd, smm, smn, offs_m, offs_n, offs_d, offs_e, L, S,
-            E, EV, MASK_KIND, False, EVEN_N, NATURAL, ACCURATE, RLN, PREC, ACC,
+            E, EV, MASK_KIND, False, EVEN_N, NATURAL, ACCURATE, RLN, PREC, ACC, TMA,
         )  # fmt: skip
-    for start_n in range(full_hi, hi, BLOCK_N):
-        dq = _dq_block(
-            start_n, q, do, lse, lse_lo, delta, dq, K, V, MASK, LSE, qk_scale,
-            skn, skd, svn, svd, smm, smn, offs_m, offs_n, offs_d, offs_e, L, S,
-            E, EV, MASK_KIND, IS_CAUSAL, EVEN_N, NATURAL, ACCURATE, RLN, PREC, ACC,
-        )  # fmt: skip
+    if IS_CAUSAL:  # (without causality full_hi = hi: no second loop is compiled)
+        for start_n in range(full_hi, hi, BLOCK_N):
+            dq = _dq_block(
+                start_n, q, do, lse, lse_lo, delta, dq, K, V, MASK, LSE, qk_scale,
+                skn, skd, svn, svd, smm, smn, offs_m, offs_n, offs_d, offs_e, L, S,
+                E, EV, MASK_KIND, IS_CAUSAL, EVEN_N, NATURAL, ACCURATE, RLN, PREC, ACC, TMA,
+            )  # fmt: skip
     dq = dq * tl.load(SCALE + 1).to(ACC)  # dQ = scale·dS K
     tl.store(DQ + (row_base + offs_m[:, None]) * E + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok & (offs_d[None, :] < E))  # fmt: skip
@@ -685,7 +732,8 @@ def candidates(tuned: Any, consts: dict) -> list[triton.Config]:
 
 
 attn_fwd_tuned = triton.autotune(
-    key=[*_TUNE_KEY, "JVP", "HAS_TQ", "HAS_TK", "HAS_TV"], **_tiles(FWD_CONFIGS, FWD_WIDE_FP32)
+    key=[*_TUNE_KEY, "JVP", "HAS_TQ", "HAS_TK", "HAS_TV", "TMA"],
+    **_tiles(FWD_CONFIGS, FWD_WIDE_FP32),
 )(triton.heuristics(_even_n)(_attn_fwd))
 attn_fwd_jvp_tuned = triton.autotune(
     key=[*_TUNE_KEY, "HAS_TQ", "HAS_TK", "HAS_TV"], **_tiles(JVP_CONFIGS, JVP_WIDE_FP32)
@@ -697,11 +745,11 @@ attn_fwd_dual_tuned = triton.autotune(
 )  # the fused forward + JVP: three accumulators, so smaller tiles than the plain forward
 attn_fwd_plain = triton.heuristics(_even_n)(_attn_fwd)
 attn_fwd_jvp_plain = triton.heuristics(_even_n)(_attn_fwd_jvp)
-attn_bwd_dkdv_tuned = triton.autotune(key=_TUNE_KEY, **_tiles(DKDV_CONFIGS, DKDV_WIDE_FP32))(
-    triton.heuristics(_even_m)(_attn_bwd_dkdv)
-)
+attn_bwd_dkdv_tuned = triton.autotune(
+    key=[*_TUNE_KEY, "TMA"], **_tiles(DKDV_CONFIGS, DKDV_WIDE_FP32)
+)(triton.heuristics(_even_m)(_attn_bwd_dkdv))
 attn_bwd_dkdv_plain = triton.heuristics(_even_m)(_attn_bwd_dkdv)
-attn_bwd_dq_tuned = triton.autotune(key=_TUNE_KEY, **_tiles(DQ_CONFIGS, DQ_WIDE_FP32))(
+attn_bwd_dq_tuned = triton.autotune(key=[*_TUNE_KEY, "TMA"], **_tiles(DQ_CONFIGS, DQ_WIDE_FP32))(
     triton.heuristics(_even_n)(_attn_bwd_dq)
 )
 attn_bwd_dq_plain = triton.heuristics(_even_n)(_attn_bwd_dq)

@@ -20,13 +20,19 @@ the attributes used here) goes through Triton's path unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 import triton
+
+try:  # where Triton keeps the allocator of a launch's global scratch (Triton >= 3.2)
+    from triton.runtime import _allocation
+except ImportError:  # pragma: no cover
+    _allocation = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DISABLED = os.environ.get("THERIA_FAST_LAUNCH", "1") == "0"
@@ -105,6 +111,32 @@ def _arg_key(a: Any) -> Any:
     return (type(a), a)
 
 
+SCRATCH = _allocation is not None and hasattr(_allocation, "_allocator")
+
+
+def _torch_scratch(size: int, alignment: int, stream: Any) -> torch.Tensor:
+    """A launch's global scratch from PyTorch's caching allocator (on the current stream, which
+    is the launch's, so reuse after the kernel is ordered on it; 512-byte aligned)."""
+    return torch.empty(size, dtype=torch.uint8, device=torch.cuda.current_device())
+
+
+@contextlib.contextmanager
+def scratch_allocator() -> Iterator[None]:
+    """Within: kernels that need global scratch (the tensor descriptors of the TMA path, made on
+    the device) get it from PyTorch. Triton otherwise refuses to launch them unless the program
+    called `triton.set_allocator`; an allocator the program set is left in place. Scoped to
+    this context, so nothing outside theria's launches changes."""
+    var = _allocation._allocator if SCRATCH else None
+    if var is None or var.get() is not getattr(_allocation, "_NULL_ALLOCATOR", None):
+        yield
+        return
+    token = var.set(_torch_scratch)
+    try:
+        yield
+    finally:
+        var.reset(token)
+
+
 def enabled() -> bool:
     """Whether launches are prepared and reused: on CUDA, THERIA_FAST_LAUNCH not 0, and not
     while torch.compile traces (it captures `kernel[grid](...)` calls of user Triton kernels
@@ -117,7 +149,7 @@ class Prepared:
     it again with some runtime arguments replaced by tensors of the same dtype, shape, strides
     and 16-byte alignment (the caller's cache key guarantees that), skipping all dispatch."""
 
-    __slots__ = ("compiled", "grid", "pos", "stripped", "values")
+    __slots__ = ("compiled", "grid", "pos", "scratch", "stripped", "values")
 
     def __init__(
         self,
@@ -129,6 +161,8 @@ class Prepared:
     ) -> None:
         self.compiled, self.grid, self.values, self.pos = compiled, grid, values, pos
         self.stripped = stripped
+        meta = getattr(compiled, "metadata", None)
+        self.scratch = bool(getattr(meta, "global_scratch_size", 0))  # the TMA path's kernels
 
     def without(self, indices: Sequence[int]) -> Prepared:
         """Drop the values of runtime arguments `indices` (those every `run` replaces), so that a
@@ -152,7 +186,13 @@ class Prepared:
         enter, leave = _hooks()
         # Triton builds launch metadata only for an enter hook (None without one)
         meta = c.launch_metadata(g, stream, *values) if enter is not None else None
-        c.run(g[0], g[1], g[2], stream, c.function, c.packed_metadata, meta, enter, leave, *values)
+        if self.scratch:
+            with scratch_allocator():
+                c.run(g[0], g[1], g[2], stream, c.function, c.packed_metadata, meta, enter, leave,
+                      *values)  # fmt: skip
+        else:
+            c.run(g[0], g[1], g[2], stream, c.function, c.packed_metadata, meta, enter, leave,
+                  *values)  # fmt: skip
 
 
 def launch(
@@ -163,7 +203,8 @@ def launch(
     for plus num_warps / num_stages. Returns the launch as a `Prepared` (None under the
     interpreter or with THERIA_FAST_LAUNCH=0)."""
     if not enabled():
-        kernel[tuple(grid)](*args, **consts)
+        with scratch_allocator():
+            kernel[tuple(grid)](*args, **consts)
         return None
     fn = _base(kernel)
     device = torch.cuda.current_device()
@@ -175,17 +216,15 @@ def launch(
     values = sig.values(args, consts)
     g = (*grid, 1, 1)[:3]
     if compiled is None:  # Triton's own path: compiles (or finds) and launches
-        compiled = fn[tuple(grid)](*args, **consts)
+        with scratch_allocator():
+            compiled = fn[tuple(grid)](*args, **consts)
         if len(_COMPILED) > 4096:
             _COMPILED.clear()
         _COMPILED[key] = compiled
         return Prepared(compiled, g, values, sig.runtime_pos)
-    stream = _stream(device)
-    enter, leave = _hooks()
-    meta = compiled.launch_metadata(g, stream, *values) if enter is not None else None
-    compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, meta,
-                 enter, leave, *values)  # fmt: skip
-    return Prepared(compiled, g, values, sig.runtime_pos)
+    prep = Prepared(compiled, g, values, sig.runtime_pos)
+    prep.run(())
+    return prep
 
 
 def _stream(device: int) -> int:
