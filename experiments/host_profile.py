@@ -16,8 +16,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import theria
 from theria._engine import calling_thread
+from theria.attention import api
+from theria.attention import function as Fn
 from theria.attention import triton_impl as T
 from theria.attention.contract import canonicalize
+from theria.attention.kernels import launch as Lc
 
 
 def cpu_us(fn, n=2000, rounds=5):
@@ -63,9 +66,17 @@ def main() -> None:
     g = prep.grid
     stream = torch._C._cuda_getCurrentRawStream(0)
 
-    def raw_run():
-        comp.run(g[0], g[1], g[2], stream, comp.function, comp.packed_metadata, None, None, None,
-                 *values)  # fmt: skip
+    def raw_run():  # (comp.run allocates the scratch of TMA-path kernels: theria's allocator)
+        with Lc.scratch_allocator():
+            comp.run(g[0], g[1], g[2], stream, comp.function, comp.packed_metadata, None, None,
+                     None, *values)  # fmt: skip
+
+    launcher = comp.run  # Triton's CudaLauncher: scratch allocation around its C launch
+
+    def inner_run():  # Triton 3.6's argument order of the C launch (no scratch needed here)
+        launcher.launch(g[0], g[1], g[2], stream, comp.function, launcher.launch_cooperative_grid,
+                        launcher.launch_pdl, None, None, comp.packed_metadata, None, None, None,
+                        *values)  # fmt: skip
 
     def fwd_bwd():
         o = theria.sdpa(q, k, v)
@@ -85,12 +96,26 @@ def main() -> None:
     rows = [
         ("torch.empty, bf16 cuda", lambda: torch.empty(shape, dtype=torch.bfloat16, device=dev)),
         ("canonicalize", lambda: canonicalize(q, k, v, None, 0.0, False, None, False, 256)),
+        ("torch.cuda.current_device()", torch.cuda.current_device),
+        ("current raw stream", lambda: Lc._stream(0)),
+        ("Triton launch hooks (knobs)", Lc._hooks),
+        ("torch.compiler.is_compiling()", torch.compiler.is_compiling),
+        ("layout_key(q)", lambda: Lc.layout_key(qd)),
+        ("_plan_key, forward", lambda: T._plan_key("fwd", c.problem, qd, kd, vd, None)),
+        ("_PLANS lookup (key built)", lambda: T._PLANS.get(key)),
+        ("_nothing_to_record(q, k, v)", lambda: Fn._nothing_to_record(q, k, v, None)),
+        ("_triton_usable(q)", lambda: api._triton_usable(q)),
+        ("Attention.apply (grad)", lambda: Fn.Attention.apply(q, k, v, None, c.problem, T)),
+        ("api.attention (no grad)", lambda: Fn.attention(qd, kd, vd, None, c.problem, T)),
         ("Triton launcher, forward kernel (compiled.run)", raw_run),
+        ("Triton's C launch alone, forward kernel (3.6 layout)", inner_run),
         ("prepared forward launch (Prepared.run)", lambda: prep.run(fwd_slots)),
         ("triton_impl.forward (plan hit)", lambda: T.forward(qd, kd, vd, None, c.problem)),
         ("triton_impl.backward (plan hit)",
          lambda: T.backward(qd, kd, vd, None, c.problem, out, lse, do)),
         ("theria.sdpa forward (no grad)", lambda: theria.sdpa(qd, kd, vd)),
+        ("theria.sdpa forward (no grad, backend='triton')",
+         lambda: theria.sdpa(qd, kd, vd, backend="triton")),
         ("theria.sdpa forward (grad)", lambda: theria.sdpa(q, k, v)),
         ("theria.sdpa fwd+bwd, default engine", fwd_bwd),
         ("theria.sdpa fwd+bwd, calling thread", calling_thread(fwd_bwd)),

@@ -1,9 +1,13 @@
 """Is there a better tile than the autotuner's candidates? Each first-order kernel (forward,
 fused forward + JVP, dQ pass, dK/dV pass) timed alone with every tile of its candidate list and
 of a wider list, at issue 16's large sizes (B=2, H=16, bf16), next to the autotuner's choice
-among the candidates. A tile that beats that choice is a candidate worth adding.
+among the candidates. A tile that beats that choice is a candidate worth adding. `--tma`: with
+the streamed operands read by pointer loads (off), by tensor descriptor where the kernel takes
+them so (on, the default on Hopper), or both, one row each (`--no-extra`: the candidate lists
+only).
 
-CUDA only: python experiments/tile_sweep.py [--sizes 4096] [--dims 64 128] [--out DIR]"""
+CUDA only: python experiments/tile_sweep.py [--sizes 4096] [--dims 64 128] [--tma off|on|both]
+                                            [--no-extra] [--out DIR]"""
 
 from __future__ import annotations
 
@@ -104,50 +108,57 @@ def main() -> None:
     ap.add_argument("--kinds", nargs="+", default=list(EXTRA))
     ap.add_argument("--causal", nargs="+", choices=["no", "yes"], default=["no", "yes"])
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--tma", choices=["off", "on", "both"], default="off")
+    ap.add_argument("--no-extra", action="store_true", help="the candidate lists only")
     ap.add_argument("--out", type=Path, default=Path("outputs/bench"))
     args = ap.parse_args()
     dev = torch.device("cuda")
     original = {kind: list(LISTS[kind]) for kind in LISTS}
     rows = []
     t0 = time.time()
+    tma_of = T._tma
+    tma_modes = {"off": [False], "on": [True], "both": [False, True]}[args.tma]
     for kind in args.kinds:
         base = original[kind]
-        extra = [K._configs([c])[0] for c in EXTRA[kind]]
+        extra = [] if args.no_extra else [K._configs([c])[0] for c in EXTRA[kind]]
         for D in args.dims:
-            for causal in (c == "yes" for c in args.causal):
-                for N in args.sizes:
-                    g = torch.Generator(device=dev).manual_seed(0)
-                    q, k, v, do, tq = (torch.randn(2, 16, N, D, device=dev, dtype=torch.bfloat16,
-                                                   generator=g) for _ in range(5))  # fmt: skip
-                    problem = canonicalize(q, k, v, None, 0.0, causal, None, False, 256).problem
-                    reset(kind, base)
-                    auto = ms(runner(kind, q, k, v, do, tq, problem), args.reps)
-                    chosen = choice(kind)
-                    results = []
-                    for cfg in base + extra:
-                        reset(kind, [cfg])
-                        try:
-                            t = ms(runner(kind, q, k, v, do, tq, problem), args.reps)
-                        except OutOfResources:
-                            t = float("nan")
-                        tile = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps,
-                                cfg.num_stages)  # fmt: skip
-                        results.append((t, tile, cfg in base))
-                    best = min((r for r in results if r[0] == r[0]), default=None)
-                    rows.append((kind, D, causal, N, auto, chosen, best))
-                    line = ", ".join(f"{r[1]}{'' if r[2] else '+'}: {r[0]:.3f}" for r in results)
-                    print(f"{kind} D={D} causal={causal} N={N}: auto {auto:.3f} ms ({chosen}); "
-                          f"{line}  [{time.time() - t0:.0f} s]", flush=True)  # fmt: skip
+            for causal, N, tma in ((c == "yes", n, t) for c in args.causal for n in args.sizes
+                                   for t in tma_modes):  # fmt: skip
+                T._tma = tma_of if tma else (lambda *a: False)
+                g = torch.Generator(device=dev).manual_seed(0)
+                q, k, v, do, tq = (torch.randn(2, 16, N, D, device=dev, dtype=torch.bfloat16,
+                                               generator=g) for _ in range(5))  # fmt: skip
+                problem = canonicalize(q, k, v, None, 0.0, causal, None, False, 256).problem
+                reset(kind, base)
+                auto = ms(runner(kind, q, k, v, do, tq, problem), args.reps)
+                chosen = choice(kind)
+                results = []
+                for cfg in base + extra:
+                    reset(kind, [cfg])
+                    try:
+                        t = ms(runner(kind, q, k, v, do, tq, problem), args.reps)
+                    except OutOfResources:
+                        t = float("nan")
+                    tile = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps,
+                            cfg.num_stages)  # fmt: skip
+                    results.append((t, tile, cfg in base))
+                best = min((r for r in results if r[0] == r[0]), default=None)
+                rows.append((kind, D, causal, N, tma, auto, chosen, best))
+                line = ", ".join(f"{r[1]}{'' if r[2] else '+'}: {r[0]:.3f}" for r in results)
+                print(f"{kind} D={D} causal={causal} N={N} tma={tma}: auto {auto:.3f} ms "
+                      f"({chosen}); {line}  [{time.time() - t0:.0f} s]", flush=True)  # fmt: skip
         reset(kind, base)
+    T._tma = tma_of
     table = []
-    for kind, D, causal, N, auto, chosen, best in rows:
+    for kind, D, causal, N, tma, auto, chosen, best in rows:
         if best is not None:
             t, tile, inside = best
             mark = "" if inside else "+"
-            table.append([kind, D, "yes" if causal else "no", N, f"{auto:.3f}", chosen,
-                          f"{tile}{mark}", f"{t:.3f}", f"{t / auto:.2f}"])  # fmt: skip
-    head = ["kernel", "D", "causal", "N", "autotuned ms", "its tile", "best tile", "best ms",
-            "best / auto"]  # fmt: skip
+            table.append([kind, D, "yes" if causal else "no", N, "TMA" if tma else "pointers",
+                          f"{auto:.3f}", chosen, f"{tile}{mark}", f"{t:.3f}",
+                          f"{t / auto:.2f}"])  # fmt: skip
+    head = ["kernel", "D", "causal", "N", "loads", "autotuned ms", "its tile", "best tile",
+            "best ms", "best / auto"]  # fmt: skip
     body = (
         f"B=2, H=16, bf16; median of {args.reps} CUDA-event timings of 10 back-to-back "
         "launches, per launch. `+` marks a tile outside the candidate list. Script: "
