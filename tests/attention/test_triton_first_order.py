@@ -370,3 +370,18 @@ def test_descriptor_loads_need_aligned_rows(monkeypatch):
     assert not triton_impl._tma(cols, cols, triton_impl._Batch((2,), [cols]), cols)
     monkeypatch.setattr(triton_impl, "FORCE_TMA", False)
     assert not triton_impl._tma(x, x, lay, x)  # interpreter: pointer loads unless forced
+
+
+def test_descriptor_loads_where_they_were_measured_faster(monkeypatch):
+    """On a GPU with TMA the descriptor path is taken for 16-bit inputs with heads padded to 128
+    and sequences of 4096 or more (triton_impl.TMA_MIN_HEAD, TMA_MIN_N: where the H200 runs
+    measured it faster); float32, 64-wide heads and shorter sequences keep pointer loads."""
+    monkeypatch.setattr(triton_impl, "INTERPRET", False)
+    monkeypatch.setattr(triton_impl, "_tma_device", lambda device: True)
+
+    def takes(n, e, dtype=torch.bfloat16):
+        x = torch.zeros(2, n, e, dtype=dtype)
+        return triton_impl._tma(x, x, triton_impl._Batch((2,), [x]), x)
+
+    assert takes(4096, 128) and takes(4096, 96) and takes(8192, 128, torch.float16)
+    assert not takes(2048, 128) and not takes(4096, 64) and not takes(4096, 128, torch.float32)

@@ -268,15 +268,18 @@ _SCALES: dict[tuple, Tensor] = {}
 
 # Tensor descriptors (TMA loads) for the first-order kernels' streamed operands on Hopper and
 # newer: K and V in the forward and the dQ pass, Q and dO in the dK/dV pass, for padded heads of
-# TMA_MIN_HEAD (128). Measured on an H200 (bf16, B=2, H=16, kernels alone,
-# experiments/results/triton_first_order_tma_h200.md): at head dim 128 a forward + backward took
-# 0.95-0.96x the pointer loads' time without causality and 0.99-1.02x with it; at head dim 64
-# 0.92-1.08x, within the machine's own drift, so 64-wide heads keep pointer loads.
+# TMA_MIN_HEAD (128) and sequences of TMA_MIN_N (4096) or more. Measured on an H200 (bf16, B=2,
+# H=16, kernels alone, N = 4096 and 16384, experiments/results/triton_first_order_tma_h200.md):
+# at head dim 128 a forward + backward took 0.95-0.96x the pointer loads' time without causality
+# and 0.99-1.02x with it; at head dim 64 0.92-1.08x, within the machine's own drift, so 64-wide
+# heads keep pointer loads. Shorter sequences keep them too: not measured there, and each
+# descriptor launch allocates its scratch (host time, which dominates small calls).
 # THERIA_TRITON_TMA=0 (read at import) keeps pointer loads everywhere, for measurements.
 # FORCE_TMA (tests) takes the descriptor path in the interpreter at any head dim, where it runs
 # in float32 and float64.
 _TMA_ENV = os.environ.get("THERIA_TRITON_TMA", "1") != "0"
 TMA_MIN_HEAD = 128
+TMA_MIN_N = 4096
 FORCE_TMA = False
 
 
@@ -287,17 +290,18 @@ def _tma_device(device: torch.device) -> bool:
 
 def _tma(q: Tensor, v: Tensor, lay: _Batch, *tensors: Tensor) -> bool:
     """Whether a kernel may read `tensors` (expanded views of `lay`) through tensor descriptors:
-    16-bit inputs with heads (q's E, v's Ev) padded to TMA_MIN_HEAD on a GPU with TMA (or
-    FORCE_TMA in the interpreter), and per tensor a unit column stride, 16-byte aligned rows and
-    batch steps and a 16-byte aligned start, which a descriptor needs. Everything here is part of
-    a launch plan's key (shapes, strides, dtypes, alignment, device), so a stored plan never
-    meets a call that would decide otherwise."""
+    16-bit inputs with heads (q's E, v's Ev) padded to TMA_MIN_HEAD and L or S of TMA_MIN_N or
+    more on a GPU with TMA (or FORCE_TMA in the interpreter, at any size), and per tensor a unit
+    column stride, 16-byte aligned rows and batch steps and a 16-byte aligned start, which a
+    descriptor needs. Everything here is part of a launch plan's key (shapes, strides, dtypes,
+    alignment, device), so a stored plan never meets a call that would decide otherwise."""
     if INTERPRET:
         if not FORCE_TMA:
             return False
     elif (
         q.dtype not in (torch.float16, torch.bfloat16)
         or padded_head(q.shape[-1], v.shape[-1]) < TMA_MIN_HEAD
+        or max(q.shape[-2], v.shape[-2]) < TMA_MIN_N
         or not _tma_device(q.device)
     ):
         return False
