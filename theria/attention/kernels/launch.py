@@ -111,7 +111,10 @@ def _arg_key(a: Any) -> Any:
     return (type(a), a)
 
 
-SCRATCH = _allocation is not None and hasattr(_allocation, "_allocator")
+# Whether theria can scope an allocator to its launches (both names are Triton internals; without
+# them the kernels that need scratch, the TMA path's, are not used: triton_impl._tma_device).
+SCRATCH = all(hasattr(_allocation, n) for n in ("_allocator", "_NULL_ALLOCATOR"))
+_NO_SCRATCH = contextlib.nullcontext()  # reusable: the context of a launch that needs none
 
 
 def _torch_scratch(size: int, alignment: int, stream: Any) -> torch.Tensor:
@@ -127,7 +130,7 @@ def scratch_allocator() -> Iterator[None]:
     called `triton.set_allocator`; an allocator the program set is left in place. Scoped to
     this context, so nothing outside theria's launches changes."""
     var = _allocation._allocator if SCRATCH else None
-    if var is None or var.get() is not getattr(_allocation, "_NULL_ALLOCATOR", None):
+    if var is None or var.get() is not _allocation._NULL_ALLOCATOR:
         yield
         return
     token = var.set(_torch_scratch)
@@ -186,11 +189,7 @@ class Prepared:
         enter, leave = _hooks()
         # Triton builds launch metadata only for an enter hook (None without one)
         meta = c.launch_metadata(g, stream, *values) if enter is not None else None
-        if self.scratch:
-            with scratch_allocator():
-                c.run(g[0], g[1], g[2], stream, c.function, c.packed_metadata, meta, enter, leave,
-                      *values)  # fmt: skip
-        else:
+        with scratch_allocator() if self.scratch else _NO_SCRATCH:
             c.run(g[0], g[1], g[2], stream, c.function, c.packed_metadata, meta, enter, leave,
                   *values)  # fmt: skip
 
