@@ -60,6 +60,7 @@ def capture(dim: int, n: int) -> list[tuple[Any, list, dict]]:
 
     T.launch, SO.launch = record, record  # nothing is launched
     T._check = lambda *a: None  # CPU tensors stand in for CUDA ones
+    T._tma_device = lambda device: False  # no CUDA device to ask; TMA is set per compile
     os.environ["THERIA_TRITON_AUTOTUNE"] = "0"  # the first candidate; the tile is set below
     shape = (2, 16, n, dim)
     q, k, v, do, out, tq, tk, tv = (torch.randn(shape, dtype=torch.bfloat16) for _ in range(8))

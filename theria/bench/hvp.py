@@ -5,7 +5,8 @@ measured in the same run as the yardstick.
 
     python -m theria.bench hvp [--dims 64 128] [--dtypes bf16 fp32] [--sizes 1024 ... 32768]
                                [--causal no yes] [--modes rev_rev fwd_rev] [--no-check]
-                               [--sweep] [--out DIR] [--name NAME]
+                               [--sweep [--sweep-kernels dkdv dq rowstats]] [--out DIR]
+                               [--name NAME]
 
 An HVP is forward + backward + second-order pass for ℓ(Q, K, V) = ½‖attention(Q, K, V)‖²
 (as `python -m theria.bench cpu`), along a random direction (u_Q, u_K, u_V):
@@ -233,12 +234,15 @@ SWEEP = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages, key-major tiles), largest
         (32, 128, 4, 3, True), (16, 64, 4, 3, False), (64, 64, 4, 2, True),
         (64, 64, 8, 2, True), (64, 64, 8, 3, True), (32, 64, 4, 2, False), (64, 32, 4, 3, False),
         (32, 32, 4, 3, False), (16, 64, 4, 2, False), (32, 32, 4, 2, False), (16, 32, 4, 3, False),
+        # key-major with 8 warps: the 128 keys are the M side of two warpgroups' wgmma (offline
+        # sm_90a compiles at head dim 128: no or few spills, results/kernel_resources_*.md)
+        (16, 128, 8, 2, True), (32, 128, 8, 2, True), (16, 128, 8, 3, True), (32, 128, 8, 3, True),
     ],
     "dq": [
         (128, 64, 8, 3, False), (64, 64, 4, 3, False), (128, 64, 4, 3, False),
         (64, 32, 4, 3, False), (128, 32, 4, 3, False), (64, 64, 8, 2, False),
         (64, 32, 4, 2, False), (32, 64, 4, 3, False), (128, 32, 8, 2, False),
-        (32, 64, 4, 2, False), (32, 32, 4, 3, False),
+        (32, 64, 4, 2, False), (32, 32, 4, 3, False), (128, 64, 8, 2, False),
     ],
     "rowstats": [
         (64, 64, 4, 3, False), (128, 64, 8, 3, False), (128, 64, 4, 3, False),
@@ -250,14 +254,19 @@ SWEEP = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages, key-major tiles), largest
 
 
 def sweep(
-    device: torch.device, dims: list[int], N: int = 4096, dtype: torch.dtype = torch.bfloat16
+    device: torch.device,
+    dims: list[int],
+    N: int = 4096,
+    dtype: torch.dtype = torch.bfloat16,
+    kernels: list[str] | None = None,
 ) -> str:
     """Time `backward_jvp` per tile configuration of each kernel, the other kernels at their
     current setting; B=2, H=16, L = S = N (bf16 unless `dtype`). Two forms are timed, as the
     HVP modes call it: rev_rev's double backward (tangents of Q, K, V; the first pass forms Ȯ
     and μ: all three kernels; tiles of `second_order.CONFIGS`) and fwd_rev's (a dO tangent
     too, Ȯ and μ given: no row-statistics kernel; tiles of `CONFIGS_TDO`). Each form keeps its
-    fastest tile; where none ran, the entry it had before."""
+    fastest tile; where none ran, the entry it had before. `kernels`: those of SWEEP to time
+    (default all)."""
     from theria.attention import triton_impl
     from theria.attention.contract import canonicalize
     from theria.attention.kernels import second_order as so
@@ -276,6 +285,8 @@ def sweep(
             "fwd_rev": (True, lambda a=base, od=o_dot, m=mu: so.backward_jvp(*a, a[7], od, m)),
         }
         for kernel, configs in SWEEP.items():
+            if kernels is not None and kernel not in kernels:
+                continue
             key = min(d for d in so.CONFIGS[kernel] if d >= max(16, 1 << (D - 1).bit_length()))
             names = ["rev_rev"] if kernel == "rowstats" else list(forms)  # rowstats: rev only
             saved = {False: so.CONFIGS[kernel][key], True: so.CONFIGS_TDO.get(kernel, {}).get(key)}
@@ -432,6 +443,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-fp32", type=int, default=8192, help="largest fp32 N for triton")
     ap.add_argument("--no-check", action="store_true", help="skip the 2× rule correctness check")
     ap.add_argument("--sweep", action="store_true", help="time tile configurations first")
+    ap.add_argument("--sweep-kernels", nargs="+", default=list(SWEEP), choices=list(SWEEP),
+                    help="the second-order kernels --sweep times (default: all)")  # fmt: skip
     ap.add_argument(
         "--out",
         default=None,
@@ -465,7 +478,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.sweep:
         sections.append(
             "## Tile sweep (second-order kernels, bf16, N=4096, B=2, H=16)\n\n"
-            + sweep(device, args.dims)
+            + sweep(device, args.dims, kernels=args.sweep_kernels)
         )
 
     records: list[Record] = []
