@@ -98,27 +98,6 @@ def test_query_major_dkdv_tiles(so, case: Case, monkeypatch) -> None:
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("tangents", ["all", "double_backward", "q", "v"])
-@pytest.mark.parametrize("case", [CASES[1], CASES[5], CASES[9]], ids=str)
-def test_split_dkdv_pass(so, case: Case, tangents: str, monkeypatch) -> None:
-    """The dK̇/dV̇ pass as two launches (SPLIT_DKDV: dK̇ by PART 1, dV̇ by PART 2) gives the
-    one-launch pass's values bit for bit (the same products in the same order), on causal, GQA
-    (dK̇, dV̇ summed over the query heads) and broadcast-batch cases."""
-    c = _canonical(case, torch.float64)
-    torch.manual_seed(0)
-    whole, args = _run(so, c, TANGENTS[tangents])
-    launched = []
-    real = so._launch
-    monkeypatch.setattr(so, "_launch", lambda *a: launched.append(a[1]) or real(*a))
-    monkeypatch.setattr(so, "SPLIT_DKDV", {0})  # the interpreter's table key
-    split = so.backward_jvp(*args)
-    assert launched[-2:] == ["dk", "dv"]
-    for name, a, b in zip(("dq_dot", "dk_dot", "dv_dot", "o_dot"), whole, split, strict=True):
-        assert torch.equal(a, b), name
-    for g, w in zip(split, blockwise.backward_jvp(*args), strict=True):
-        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
-
-
 @pytest.mark.parametrize("tangents", ["q", "k_dO", "v"])
 @pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[6]], ids=str)
 def test_partial_tangents_float64(so, case: Case, tangents: str) -> None:
@@ -502,10 +481,3 @@ def test_set_config_drops_the_plans_built_with_the_old_tile(so, monkeypatch) -> 
     so.set_config("dq", 64, (64, 64, 4, 2, False))
     assert so.CONFIGS["dq"][64] == (64, 64, 4, 2, False)
     assert not so._PLANS and not so._fitted
-    # so does turning the split dK̇/dV̇ pass on or off (a plan keeps its launches)
-    monkeypatch.setattr(so, "SPLIT_DKDV", set())
-    monkeypatch.setattr(so, "_PLANS", {("hvp", "some layout"): ("a stored plan",)})
-    so.set_split(128, True)
-    assert so.SPLIT_DKDV == {128} and not so._PLANS
-    so.set_split(128, False)
-    assert not so.SPLIT_DKDV

@@ -238,15 +238,6 @@ SWEEP = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages, key-major tiles), largest
         # sm_90a compiles at head dim 128: no or few spills, results/kernel_resources_*.md)
         (16, 128, 8, 2, True), (32, 128, 8, 2, True), (16, 128, 8, 3, True), (32, 128, 8, 3, True),
     ],
-    # the split dK̇/dV̇ pass (second_order.SPLIT_DKDV): dV̇'s launch, then dK̇'s
-    "dv": [
-        (64, 128, 8, 2, True), (64, 128, 8, 3, True), (32, 128, 8, 2, True), (64, 64, 4, 3, True),
-        (32, 64, 4, 3, True), (64, 64, 4, 2, False),
-    ],
-    "dk": [
-        (32, 128, 8, 2, True), (16, 128, 8, 2, True), (32, 128, 8, 3, True), (32, 64, 4, 3, True),
-        (16, 64, 4, 3, False), (64, 64, 8, 2, True),
-    ],
     "dq": [
         (128, 64, 8, 3, False), (64, 64, 4, 3, False), (128, 64, 4, 3, False),
         (64, 32, 4, 3, False), (128, 32, 4, 3, False), (64, 64, 8, 2, False),
@@ -280,12 +271,7 @@ def sweep(
     from theria.attention.contract import canonicalize
     from theria.attention.kernels import second_order as so
 
-    kernels = list(SWEEP) if kernels is None else kernels
-    if ("dk" in kernels) != ("dv" in kernels):
-        raise ValueError(f"sweep: kernels {kernels}: 'dk' and 'dv' (the split dK̇/dV̇ pass) "
-                         "are swept together or not at all")  # fmt: skip
     rows, chosen = [], []
-    whole: dict[str, Any] = {}  # the unsplit pass's times, measured before dV̇'s sweep
     for D in dims:
         g = torch.Generator(device).manual_seed(D)
         x = [torch.randn(2, 16, N, D, generator=g, device=device, dtype=dtype) for _ in range(7)]
@@ -299,13 +285,10 @@ def sweep(
             "fwd_rev": (True, lambda a=base, od=o_dot, m=mu: so.backward_jvp(*a, a[7], od, m)),
         }
         for kernel, configs in SWEEP.items():
-            if kernel not in kernels:
+            if kernels is not None and kernel not in kernels:
                 continue
             key = min(d for d in so.CONFIGS[kernel] if d >= max(16, 1 << (D - 1).bit_length()))
             names = ["rev_rev"] if kernel == "rowstats" else list(forms)  # rowstats: rev only
-            if kernel == "dv":  # the split pass from here (dK̇ at its entry while dV̇ is swept)
-                whole = {f: measure(forms[f][1], device, repeats=10, warmup=2) for f in forms}
-                so.set_split(key, True)
             saved = {False: so.CONFIGS[kernel][key], True: so.CONFIGS_TDO.get(kernel, {}).get(key)}
             best: dict[str, tuple[float, Any]] = {}
             for cfg in configs:
@@ -341,17 +324,6 @@ def sweep(
                 table = "CONFIGS_TDO" if tdo else "CONFIGS"
                 chosen.append(f"{table}[{kernel!r}][{key}] = {pick}")
                 print(f"D={D} {form} {kernel}: best {chosen[-1]}", flush=True)
-            if kernel == "dk":  # split or not: by the double backward's (MAML's) form
-                one = whole["rev_rev"].get("ms", float("inf"))
-                two = best["rev_rev"][0] if "rev_rev" in best else float("inf")
-                so.set_split(key, two < one)
-                rows.append([D, "dkdv one launch (its entry)", "",
-                             *(whole[f].get("ms", "OOM") for f in forms)])  # fmt: skip
-                chosen.append(
-                    f"SPLIT_DKDV {'has' if two < one else 'lacks'} {key} "
-                    f"(rev_rev form: split {two:.3g} ms, one launch {one:.3g} ms)"
-                )
-                print(chosen[-1], flush=True)
     headers = ["D", "kernel", "(BLOCK_M, BLOCK_N, warps, stages, key-major)",
                "rev_rev form ms", "fwd_rev form ms"]  # fmt: skip
     what = (

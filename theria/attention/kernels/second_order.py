@@ -18,7 +18,6 @@ recomputing P from the saved row logsumexp). With P = exp(S − lse), Ṡ = scal
     _attn_hvp_dq        per query block, over keys:  dQ̇ = scale·(dṠ K + dS K̇)
     _attn_hvp_dkdv      per key block, over queries: dK̇ = scale·(dṠᵀQ + dSᵀQ̇),
                                                       dV̇ = ṖᵀdO + PᵀdȮ
-                        (or one of the two per launch: PART, SPLIT_DKDV)
     with Ṗ = P∘(Ṡ − μ), dS = P∘(dOVᵀ − δ), dṠ = Ṗ∘(dOVᵀ − δ) + P∘(dOV̇ᵀ + dȮVᵀ − δ̇).
 
 Memory: besides the inputs and outputs, four fp32 row statistics (*B, L); nothing L×S. Each
@@ -80,17 +79,7 @@ CONFIGS: dict[str, dict[int, Config]] = {
     "rowstats": {64: (64, 32, 4, 3, False), 128: (64, 64, 4, 3, False), 256: (32, 32, 4, 2, False)},
     "dq": {64: (128, 64, 8, 3, False), 128: (64, 32, 4, 2, False), 256: (32, 32, 4, 2, False)},
     "dkdv": {64: (64, 128, 8, 3, True), 128: (16, 64, 4, 3, False), 256: (16, 32, 4, 2, False)},
-    # The dK̇/dV̇ pass split in two launches of the same kernel (PART 1: dK̇ only, PART 2: dV̇
-    # only) at the table keys of SPLIT_DKDV: 3 more tile products (dV̇'s S and Ṡ again) for
-    # half the accumulators each, which lets wider, wgmma-sized tiles fit in registers
-    # (offline sm_90a compiles at head dim 128: dK̇ alone at (32, 128, 8 warps) 229
-    # registers, no spill; both at once 80 bytes of spill).
-    "dk": {64: (64, 128, 8, 3, True), 128: (32, 128, 8, 2, True), 256: (16, 32, 4, 2, False)},
-    "dv": {64: (64, 128, 8, 3, True), 128: (64, 128, 8, 2, True), 256: (16, 32, 4, 2, False)},
 }
-# Table keys (of CONFIGS["dkdv"]) whose dK̇/dV̇ pass runs split; empty: one launch everywhere.
-SPLIT_DKDV: set[int] = set()
-_KEY_MAJOR_KERNELS = ("dkdv", "dk", "dv")  # one program per key block; the key-major option
 # Entries that differ when a dO tangent is given (forward-over-reverse, fwd_rev): one more
 # input tile and its products change which tile is fastest (same sweep: at head dim 128 the
 # double backward's best dQ tile ran 1.5x slower there, shrunk to fit).
@@ -120,19 +109,12 @@ def set_config(kernel: str, key: int, cfg: Config, tdo: bool = False) -> None:
     _PLANS.clear()
 
 
-def set_split(key: int, split: bool) -> None:
-    """Run the dK̇/dV̇ pass of table key `key` as two launches (dK̇, dV̇) or one, dropping every
-    stored launch plan (a plan keeps the launches it was built with)."""
-    (SPLIT_DKDV.add if split else SPLIT_DKDV.discard)(key)
-    _PLANS.clear()
-
-
 def _config(kernel: str, block_e: int, itemsize: int, tdo: bool = False) -> tuple[int, Config]:
     """(table key, configuration) for a kernel, padded head dim, element size and whether a
     dO tangent is given."""
     if INTERPRET:
         bm, bn, w, st, key_major = INTERPRET_CONFIG
-        return 0, (bm, bn, w, st, key_major and kernel in _KEY_MAJOR_KERNELS)
+        return 0, (bm, bn, w, st, key_major and kernel == "dkdv")
     table = CONFIGS[kernel]
     width = block_e * itemsize // 2
     key = min((d for d in table if d >= width), default=max(table))
@@ -141,14 +123,6 @@ def _config(kernel: str, block_e: int, itemsize: int, tdo: bool = False) -> tupl
     if itemsize == 4:
         table = {**table, **CONFIGS_FLOAT32.get(kernel, {})}
     return key, _fitted.get((kernel, key, itemsize, tdo), table[key])
-
-
-_PARTS = {"dkdv": 0, "dk": 1, "dv": 2}  # the dK̇/dV̇ kernel's PART per table name
-
-
-def _split_dkdv(block_e: int, itemsize: int) -> bool:
-    """Whether the dK̇/dV̇ pass of this padded head dim and element size runs as two launches."""
-    return _config("dkdv", block_e, itemsize)[0] in SPLIT_DKDV
 
 
 def _shrink(cfg: Config) -> Config | None:
@@ -171,9 +145,8 @@ def _launch(kernel, name: str, block_e: int, itemsize: int, rows: int, z: int, a
     key, cfg = _config(name, block_e, itemsize, tdo)
     while True:
         bm, bn, warps, stages, key_major = cfg
-        by_key = name in _KEY_MAJOR_KERNELS
-        extra = {"KEY_MAJOR": key_major, "PART": _PARTS[name]} if by_key else {}
-        grid = (z * triton.cdiv(rows, bn if by_key else bm),)
+        extra = {"KEY_MAJOR": key_major} if name == "dkdv" else {}
+        grid = (z * triton.cdiv(rows, bn if name == "dkdv" else bm),)
         try:
             opts = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
             return launch(kernel, grid, args, {**opts, **extra, **flags})
@@ -521,12 +494,10 @@ def _attn_hvp_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr, HAS_TDO: tl.constexpr,
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
-    KEY_MAJOR: tl.constexpr, PART: tl.constexpr = 0,
+    KEY_MAJOR: tl.constexpr,
 ):  # fmt: skip
     """Pass 2b, one program per (k batch element, key block): dK̇ and dV̇, summed over the GK
-    flat batch indices z that share this k element (KGROUP row), each over all query blocks.
-    PART 1 computes and stores dK̇ only, PART 2 dV̇ only (the compiler drops the products the
-    other needs), 0 both."""
+    flat batch indices z that share this k element (KGROUP row), each over all query blocks."""
     scale = tl.load(SCALE)
     n_n = tl.cdiv(S, BLOCK_N)
     pid = tl.program_id(0)
@@ -577,26 +548,21 @@ def _attn_hvp_dkdv(
             if not KEY_MAJOR:  # tiles are (M, N): transpose them for the key side
                 p, pd, ds, dsd = tl.trans(p), tl.trans(pd), tl.trans(ds), tl.trans(dsd)
             # (N, M) @ (M, E) -> (N, E)
-            if PART != 2:
-                dk += _dot(dsd.to(q.dtype), q, PREC, ACC)  # dṠᵀ Q
-                if HAS_TQ:
-                    dk += _dot(ds.to(tq.dtype), tq, PREC, ACC)  # dSᵀ Q̇
-            if PART != 1:
-                if HAS_TQ or HAS_TK:
-                    dv += _dot(pd.to(do.dtype), do, PREC, ACC)  # Ṗᵀ dO
-                if HAS_TDO:
-                    dv += _dot(p.to(tdo.dtype), tdo, PREC, ACC)  # Pᵀ dȮ
-    if PART != 2:
-        dk_ptrs = DK_DOT + kb * S * E + offs_n[:, None] * E + offs_e[None, :]
-        tl.store(
-            dk_ptrs,
-            (dk * scale).to(DK_DOT.dtype.element_ty),
-            mask=cols[:, None] & (offs_e[None, :] < E),
-        )
-    if PART != 1:
-        dv_ptrs = DV_DOT + kb * S * EV + offs_n[:, None] * EV + offs_ev[None, :]
-        tl.store(dv_ptrs, dv.to(DV_DOT.dtype.element_ty),
-                 mask=cols[:, None] & (offs_ev[None, :] < EV))  # fmt: skip
+            dk += _dot(dsd.to(q.dtype), q, PREC, ACC)  # dṠᵀ Q
+            if HAS_TQ:
+                dk += _dot(ds.to(tq.dtype), tq, PREC, ACC)  # dSᵀ Q̇
+            if HAS_TQ or HAS_TK:
+                dv += _dot(pd.to(do.dtype), do, PREC, ACC)  # Ṗᵀ dO: (N, M) @ (M, Ev) -> (N, Ev)
+            if HAS_TDO:
+                dv += _dot(p.to(tdo.dtype), tdo, PREC, ACC)  # Pᵀ dȮ
+    dk_ptrs = DK_DOT + kb * S * E + offs_n[:, None] * E + offs_e[None, :]
+    tl.store(
+        dk_ptrs,
+        (dk * scale).to(DK_DOT.dtype.element_ty),
+        mask=cols[:, None] & (offs_e[None, :] < E),
+    )
+    dv_ptrs = DV_DOT + kb * S * EV + offs_n[:, None] * EV + offs_ev[None, :]
+    tl.store(dv_ptrs, dv.to(DV_DOT.dtype.element_ty), mask=cols[:, None] & (offs_ev[None, :] < EV))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -827,25 +793,23 @@ def backward_jvp(
         kb, m_off, q_groups, Z // Zq,
         stride_mm, stride_mn, L, S, scale,
     ], flags)  # fmt: skip
-    dkdv_args = [
+    dkdv_run = _launch(_attn_hvp_dkdv, "dkdv", block_e, size, S, Zk, [
         q, k, v, tq_, tk_, tv_, do, tdo_, lse, m_ptr,
         mu, delta, delta_dot, dk_dot, dv_dot,
         qb, m_off, k_groups, Z // Zk,
         stride_mm, stride_mn, L, S, scale,
-    ]  # fmt: skip
-    parts = ("dk", "dv") if _split_dkdv(block_e, size) else ("dkdv",)
-    dkdv_runs = [_launch(_attn_hvp_dkdv, p, block_e, size, S, Zk, dkdv_args, flags) for p in parts]
+    ], flags)  # fmt: skip
     used = (q, k, v, o, lse, do, tq, tk, tv, tdo)
     if key is not None and all(
         (a is None) == (b is None) and (a is None or a.data_ptr() == b.data_ptr())
         for a, b in zip(given_tensors, used, strict=True)
     ):  # no input was copied: later calls with the same layout can reuse these launches
         specs = [(t.shape, t.dtype) for t in (o_dot, mu, delta, delta_dot, dq_dot, dk_dot, dv_dot)]
-        if rowstats is not None and dq_run is not None and None not in dkdv_runs:
+        if rowstats is not None and dq_run is not None and dkdv_run is not None:
             if len(_PLANS) > 256:
                 _PLANS.clear()
             runs = (rowstats.without(range(15)), dq_run.without(range(14)),
-                    tuple(r.without(range(15)) for r in dkdv_runs))  # fmt: skip
+                    dkdv_run.without(range(15)))  # fmt: skip
             _PLANS[key] = (*runs, specs)
     return dq_dot, dk_dot, dv_dot, o_dot
 
@@ -859,7 +823,7 @@ _PLANS: dict[tuple, tuple] = {}
 
 def _run_plan(plan: tuple, q, k, v, mask, out, lse, do, tq, tk, tv, tdo) -> tuple:
     """`backward_jvp` through a stored plan (same layouts as the call that made it)."""
-    rowstats, dq_run, dkdv_runs, specs = plan
+    rowstats, dq_run, dkdv_run, specs = plan
     dev = q.device
     o_dot, mu, delta, delta_dot, dq_dot, dk_dot, dv_dot = (
         torch.empty(shape, dtype=dtype, device=dev) for shape, dtype in specs
@@ -871,6 +835,5 @@ def _run_plan(plan: tuple, q, k, v, mask, out, lse, do, tq, tk, tv, tdo) -> tupl
                   (11, o_dot), (12, mu), (13, delta), (14, delta_dot)))  # fmt: skip
     common = (*inputs, (6, do), (7, tdo_), (8, lse), (9, m), (10, mu), (11, delta), (12, delta_dot))
     dq_run.run((*common, (13, dq_dot)))
-    for run in dkdv_runs:  # one launch, or dK̇'s and dV̇'s (SPLIT_DKDV)
-        run.run((*common, (13, dk_dot), (14, dv_dot)))
+    dkdv_run.run((*common, (13, dk_dot), (14, dv_dot)))
     return dq_dot, dk_dot, dv_dot, o_dot
