@@ -451,7 +451,9 @@ def test_float32_configurations_override_the_table(so, monkeypatch) -> None:
     key, cfg = so._config("dq", 64, 4)  # float32, head dim 64: 128 bytes/2 per row
     assert (key, cfg) == (128, so.CONFIGS_FLOAT32["dq"][128])
     assert so._config("dq", 128, 2) == (128, so.CONFIGS["dq"][128])  # bf16, same row bytes
-    assert so._config("dkdv", 64, 4) == (128, so.CONFIGS["dkdv"][128])  # no float32 entry
+    assert so._config("rowstats", 32, 4) == (64, so.CONFIGS["rowstats"][64])  # no fp32 entry
+    assert so._config("dkdv", 64, 4) == (128, so.CONFIGS_FLOAT32["dkdv"][128])
+    assert so._config("dkdv", 128, 2) == (128, so.CONFIGS["dkdv"][128])
     # over the dO-tangent table too
     assert so._config("dq", 64, 4, tdo=True) == (128, so.CONFIGS_FLOAT32["dq"][128])
 

@@ -70,15 +70,17 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the ker
 #     (BLOCK_M, BLOCK_N, num_warps, num_stages, key-major tiles: dkdv only)
 # CONFIGS serves the double backward (rev_rev, MAML's mode: tangents of Q, K, V only). 64: the
 # fastest of `python -m theria.bench hvp --sweep` on an H100 (bf16, N=4096,
-# experiments/results/triton_hvp_h100.md; the H200 sweep's best D=64 tiles were within run-to-run
-# noise of these). 128: the H200 sweep's (bf16, N=4096, experiments/results/hvp_sweep_h200.md).
-# 256 untested. A configuration that does not fit is shrunk at launch (`_launch`, announced
-# once).
+# experiments/results/triton_hvp_h100.md; the H200 sweeps' best D=64 tiles were within run-to-run
+# noise of these). 128: the H200 sweeps' (bf16, N=4096, experiments/results/hvp_sweep_h200.md,
+# and for dK̇/dV̇ and dQ̇ hvp_sweep_d128_wgmma_h200.md: key-major (32, 128) tiles over 8 warps,
+# whose 128 keys are the M side of two warpgroups' wgmma, 6.28 against 7.54 ms for a whole
+# backward_jvp; dQ̇ (128, 64, 8, 2) 6.03 against 6.39). 256 untested. A configuration that does
+# not fit is shrunk at launch (`_launch`, announced once).
 Config = tuple[int, int, int, int, bool]
 CONFIGS: dict[str, dict[int, Config]] = {
     "rowstats": {64: (64, 32, 4, 3, False), 128: (64, 64, 4, 3, False), 256: (32, 32, 4, 2, False)},
-    "dq": {64: (128, 64, 8, 3, False), 128: (64, 32, 4, 2, False), 256: (32, 32, 4, 2, False)},
-    "dkdv": {64: (64, 128, 8, 3, True), 128: (16, 64, 4, 3, False), 256: (16, 32, 4, 2, False)},
+    "dq": {64: (128, 64, 8, 3, False), 128: (128, 64, 8, 2, False), 256: (32, 32, 4, 2, False)},
+    "dkdv": {64: (64, 128, 8, 3, True), 128: (32, 128, 8, 3, True), 256: (16, 32, 4, 2, False)},
 }
 # Entries that differ when a dO tangent is given (forward-over-reverse, fwd_rev): one more
 # input tile and its products change which tile is fastest (same sweep: at head dim 128 the
@@ -87,10 +89,13 @@ CONFIGS_TDO: dict[str, dict[int, Config]] = {"dq": {128: (128, 32, 8, 2, False)}
 # float32 entries that differ (tf32x3 dots split each operand in two, so the tiles hold more),
 # over both tables above: dq at head dim 64 with a dO tangent does not fit three stages in an
 # H100's shared memory (tests/attention/test_launch.py on the H100 announced the shrink), nor
-# does rowstats at 64 on the H200 (bench hvp's float32 check announced it, 2026-12-02).
+# does rowstats at 64 on the H200 (bench hvp's float32 check announced it, 2026-12-02); dkdv at
+# 64 keeps the tile it had before the bf16 (32, 128, 8, 3) one, which needs 337 KiB of shared
+# memory in float32 (offline sm_90a compile).
 CONFIGS_FLOAT32: dict[str, dict[int, Config]] = {
     "dq": {128: (64, 32, 4, 2, False)},
     "rowstats": {128: (64, 64, 4, 2, False)},
+    "dkdv": {128: (16, 64, 4, 3, False)},
 }
 # The interpreter: the smallest tiles tl.dot takes (16), with BLOCK_M != BLOCK_N so that a
 # mixed-up tile axis cannot pass the CPU tests.
