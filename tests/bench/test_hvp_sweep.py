@@ -61,3 +61,6 @@ def test_each_form_keeps_its_fastest_tile(monkeypatch) -> None:
     assert "fails: RuntimeError" in report and "(not run)" in report  # rowstats: rev only
     assert "CONFIGS_TDO['dkdv'][64] = (16, 32, 4, 2, True)" in report
     assert "CONFIGS_TDO['dq'][64] = no entry (no tile ran: CONFIGS serves it)" in report
+    # --sweep-kernels: only the kernels asked for are timed
+    report = hvp.sweep(torch.device("cpu"), [16], N=16, dtype=torch.float32, kernels=["rowstats"])
+    assert "| rowstats |" in report and "| dkdv |" not in report and "| dq |" not in report
