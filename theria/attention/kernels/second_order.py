@@ -90,8 +90,8 @@ CONFIGS_TDO: dict[str, dict[int, Config]] = {"dq": {128: (128, 32, 8, 2, False)}
 # over both tables above: dq at head dim 64 with a dO tangent does not fit three stages in an
 # H100's shared memory (tests/attention/test_launch.py on the H100 announced the shrink), nor
 # does rowstats at 64 on the H200 (bench hvp's float32 check announced it, 2026-12-02); dkdv at
-# 64 keeps the tile it had before the bf16 (32, 128, 8, 3) one, which needs 337 KiB of shared
-# memory in float32 (offline sm_90a compile).
+# head dim 64 (table key 128) keeps the tile it had before the bf16 (32, 128, 8, 3) one, which
+# needs 337 KiB of shared memory in float32 (offline sm_90a compile).
 CONFIGS_FLOAT32: dict[str, dict[int, Config]] = {
     "dq": {128: (64, 32, 4, 2, False)},
     "rowstats": {128: (64, 64, 4, 2, False)},
