@@ -148,10 +148,15 @@ def _odd_problem(dtype: torch.dtype, causal: bool):
     )
 
 
+@pytest.mark.parametrize("units", ["natural", "log2"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_float32_two_times_rule(so, causal: bool) -> None:
+def test_float32_two_times_rule(so, causal: bool, units: str, monkeypatch) -> None:
     """float32 kernel error against float64 at most 2× (+ a float32 ulp-level floor) the error of
-    the same computation in float32 torch ops (flash-attention's rule)."""
+    the same computation in float32 torch ops (flash-attention's rule). "log2": the kernels as
+    16-bit inputs compile them (scores scaled by log2(e), P = exp2(·); `second_order._natural`),
+    which the interpreter cannot run in 16 bits, here in float32."""
+    if units == "log2":
+        monkeypatch.setattr(so, "_natural", lambda dtype: False)
     c64, c32 = _odd_problem(torch.float32, causal)
     gen = torch.Generator().manual_seed(2)
     out64, lse64 = blockwise.forward(c64.q, c64.k, c64.v, c64.mask, c64.problem)
@@ -174,6 +179,48 @@ def test_float32_two_times_rule(so, causal: bool) -> None:
         # so that a peer that happens to be exact does not demand an exact kernel.
         bound = 2 * err_peer + 1e-5 * w.abs().max().item()
         assert err <= bound, f"{name}: error {err:.3e} > bound {bound:.3e} (peer {err_peer:.3e})"
+
+
+# (L, S, causal, mask): sizes that fill the interpreter's (16, 32) tiles exactly and sizes that
+# do not, L < S and L > S, causal and not; masks (whose loads keep their bounds) on some shapes;
+# "low": a float mask that puts one row's lse near −1000, where exp(−lse) overflows even in
+# float64, so a key past S left unmasked turns into NaN (the reason for BOUND_N).
+_BLOCK_CASES = [
+    *((L, S, causal, None) for L, S in ((64, 64), (48, 96), (96, 32), (40, 64), (64, 40))
+      for causal in (False, True)),
+    (64, 64, False, "bool"), (40, 64, False, "float"), (64, 40, False, "bool"),
+    (40, 40, False, "low"),
+]  # fmt: skip
+
+
+# "low": the dK̇/dV̇ pass leaves keys past S unmasked (their output rows are never stored), and
+# there exp(−lse) overflows to inf and then NaN; numpy (the interpreter) warns, a GPU does not.
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize(("L", "S", "causal", "mask"), _BLOCK_CASES, ids=str)
+def test_whole_and_partial_blocks(so, L: int, S: int, causal: bool, mask, monkeypatch) -> None:
+    """The kernels compile the bounds mask only where the last row / key block is partial
+    (BOUND_M, BOUND_N) and the causal mask only on blocks that cross the diagonal: each case in
+    both dK̇/dV̇ orientations (key-major (16, 32) tiles and query-major (32, 16) ones)."""
+    g = torch.Generator().manual_seed(L * 1000 + S)
+    q = torch.randn(2, L, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(2, S, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(2, S, 8, generator=g, dtype=torch.float64)
+    m = None
+    if mask == "bool":
+        m = torch.rand(L, S, generator=g) > 0.3
+    elif mask == "float":
+        m = torch.randn(L, S, generator=g, dtype=torch.float64)
+    elif mask == "low":
+        m = torch.zeros(L, S, dtype=torch.float64)
+        m[5] = -1000.0
+    for cfg in ((16, 32, 1, 1, True), (32, 16, 1, 1, False)):
+        monkeypatch.setattr(so, "INTERPRET_CONFIG", cfg)
+        c = canonicalize(q, k, v, m, 0.0, causal, None, False, 16)
+        for which in ("qkvd", "qkv"):
+            got, args = _run(so, c, which)
+            for g_, w in zip(got, blockwise.backward_jvp(*args), strict=True):
+                torch.testing.assert_close(g_, w, rtol=1e-10, atol=1e-12)
 
 
 def test_bad_tangent_shape(so) -> None:
@@ -423,10 +470,10 @@ def test_tile_shrinks_when_shared_memory_overflows(so, monkeypatch) -> None:
 
     class FakeKernel:
         def __getitem__(self, grid):
-            def run(*args, BLOCK_M, BLOCK_N, num_warps, num_stages, **kw):
+            def run(*args, BLOCK_M, BLOCK_N, num_warps, num_stages, BOUND_N, **kw):
                 if BLOCK_M * BLOCK_N * num_stages > 32 * 32 * 2:
                     raise OutOfResources(1 << 18, 1 << 17, "shared memory")
-                launched.append((grid, BLOCK_M, BLOCK_N, num_stages))
+                launched.append((grid, BLOCK_M, BLOCK_N, num_stages, BOUND_N))
 
             return run
 
@@ -435,9 +482,10 @@ def test_tile_shrinks_when_shared_memory_overflows(so, monkeypatch) -> None:
     monkeypatch.setattr(so, "CONFIGS_FLOAT32", {})
     monkeypatch.setattr(so, "_fitted", {})
     with pytest.warns(RuntimeWarning, match="does not fit in shared memory.*CONFIGS_FLOAT32"):
-        so._launch(FakeKernel(), "dq", 32, 4, 100, 3, [], {})  # float32, E=32: key 64
-    # (128, 64, 3) -> stages 2 -> BLOCK_M 64 -> 32 -> BLOCK_N 32: the first that fits
-    assert launched == [((3 * 4,), 32, 32, 2)]
+        so._launch(FakeKernel(), "dq", 32, 4, 100, 48, 3, [], {})  # float32, E=32: key 64
+    # (128, 64, 3) -> stages 2 -> BLOCK_M 64 -> 32 -> BLOCK_N 32: the first that fits; the key
+    # bound follows the tile that ran (48 keys: the last block of 32 is partial)
+    assert launched == [((3 * 4,), 32, 32, 2, True)]
     assert so._fitted[("dq", 64, 4, False)] == (32, 32, 8, 2, False)
     # remembered for float32 only: bfloat16 with the same row bytes (E=64) keeps its table entry
     assert so._config("dq", 32, 4) == (64, (32, 32, 8, 2, False))

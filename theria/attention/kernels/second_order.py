@@ -35,6 +35,10 @@ float32 uses "tf32x3" dots for heads up to 64 wide (three TF32 tensor-core produ
 multiply: float32 accuracy within the 2× rule, at tensor-core speed) and IEEE dots for wider
 ones (`theria.attention.kernels.precision`); float64 (for the
 interpreter tests) accumulates in float64. Rows whose every key is masked give zeros.
+16-bit inputs take P as exp2 of scores scaled by scale·log2(e) (as the first-order kernels do;
+float32 and float64 keep natural units, `_natural`). A tile is masked only where it needs it:
+the causal mask on blocks that cross the diagonal (query-major passes; the dK̇/dV̇ pass masks
+every block, see there), the key bound only where the last key block is partial (`_probs`).
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from theria.attention.kernels.lse import load_lse, minus_lse, scale_scores
 interpreter_compat.apply()  # Triton < 3.7 under NumPy 2 (see that module)
 
 MAX_HEAD_DIM = 256
+LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x·LOG2E)
 # `backward_jvp` takes the tangents of out and lse (o_dot, mu) when the caller has them.
 REUSES_TANGENT_STATS = True
 
@@ -142,16 +147,17 @@ def _shrink(cfg: Config) -> Config | None:
     return None
 
 
-def _launch(kernel, name: str, block_e: int, itemsize: int, rows: int, z: int, args, flags):
-    """Launch one kernel over z·cdiv(rows, tile) programs (tile = BLOCK_N for dkdv, else
-    BLOCK_M); on a shared-memory overflow retry with `_shrink`, announced once. Returns the
-    launch as a `kernels.launch.Prepared` (None under the interpreter)."""
+def _launch(kernel, name: str, block_e: int, itemsize: int, L: int, S: int, z: int, args, flags):
+    """Launch one kernel over z·cdiv(S, BLOCK_N) programs (dkdv) or z·cdiv(L, BLOCK_M) (the
+    others); on a shared-memory overflow retry with `_shrink`, announced once. Returns the
+    launch as a `kernels.launch.Prepared` (None under the interpreter). BOUND_N of the
+    query-major passes (the last key block is partial: see `_probs`) follows the tile."""
     tdo = bool(flags.get("HAS_TDO", False))
     key, cfg = _config(name, block_e, itemsize, tdo)
     while True:
         bm, bn, warps, stages, key_major = cfg
-        extra = {"KEY_MAJOR": key_major} if name == "dkdv" else {}
-        grid = (z * triton.cdiv(rows, bn if name == "dkdv" else bm),)
+        extra = {"KEY_MAJOR": key_major} if name == "dkdv" else {"BOUND_N": S % bn != 0}
+        grid = (z * (triton.cdiv(S, bn) if name == "dkdv" else triton.cdiv(L, bm)),)
         try:
             opts = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
             return launch(kernel, grid, args, {**opts, **extra, **flags})
@@ -209,42 +215,44 @@ def _cols(x, T: tl.constexpr):
 
 @triton.jit
 def _probs(
-    q,
-    k,
-    lse,
-    lse_lo,
-    LSE,
-    offs_m,
-    offs_n,
-    L,
-    S,
-    MASK,
-    mask_base,
-    stride_mm,
-    stride_mn,
-    scale,
-    MASK_KIND: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    T: tl.constexpr,
-    PREC: tl.constexpr,
-    ACC: tl.constexpr,
-):
+    q, k, lse, lse_lo, LSE, offs_m, offs_n, L, S, MASK, mask_base, stride_mm, stride_mn,
+    qk_scale,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, BOUND_N: tl.constexpr, T: tl.constexpr,
+    NATURAL: tl.constexpr, RLN: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
     """P = exp(scale·q kᵀ + mask − lse) for one (BLOCK_M, BLOCK_N) tile (transposed when T);
-    0 where masked or outside the (L, S) problem. `lse`, `lse_lo`: the saved logsumexp as
-    `kernels.lse.load_lse` reads it (hi + lo, −inf of empty rows set to 0); LSE its pointer."""
-    s = scale_scores(_outer(q, k, T, PREC, ACC), scale, q.dtype)
+    0 where masked. `lse`, `lse_lo`: the saved logsumexp as `kernels.lse.load_lse` reads it
+    (hi + lo in the scores' unit, −inf of empty rows set to 0); LSE its pointer. qk_scale is
+    scale·RLN: with NATURAL off (16-bit inputs) the scores are in log2 units and P = exp2(·),
+    one multiply less per score, as in the first-order kernels.
+
+    Which masks a tile gets is decided at compile time. CAUSAL: the tile may cross the
+    diagonal (key j sees query i iff j <= i, top-left aligned as PyTorch's). BOUND_N: the tile
+    may reach past the S keys, whose P must be 0: their scores read 0 (k loaded as zeros), so
+    P = exp(−lse) there, which overflows for rows whose lse is below about −88 (float32) and
+    then times a zero operand gives NaN. Rows past L need no mask in any kernel: their q, Q̇,
+    dO, dȮ and row statistics load as 0, so their P is exp(0) = 1 (or 0 where a bool mask
+    reads 0) and every product they enter has a zero row of those operands, or feeds an
+    output row that is never stored. The same holds for keys past S in the key-major dK̇/dV̇
+    pass, whose output rows for them are never stored."""
+    s = scale_scores(_outer(q, k, T, PREC, ACC), qk_scale, q.dtype)
     rows, cols = _rows(offs_m, T), _cols(offs_n, T)
-    keep = (rows < L) & (cols < S)
-    if CAUSAL:
-        keep = keep & (cols <= rows)  # top-left aligned, as PyTorch's
     if MASK_KIND != 0:
-        m = tl.load(MASK + mask_base + rows * stride_mm + cols * stride_mn, mask=keep, other=0)
-        if MASK_KIND == 1:  # bool mask, True = attend
-            keep = keep & (m != 0)
+        inside = (rows < L) & (cols < S)
+        m = tl.load(MASK + mask_base + rows * stride_mm + cols * stride_mn, mask=inside, other=0)
+        if MASK_KIND == 1:  # noqa: SIM108 (constexpr branches: one is compiled) bool, True = attend
+            s = tl.where(m != 0, s, float("-inf"))
         else:  # additive float mask
-            s = s + m.to(ACC)
-    s = tl.where(keep, s, float("-inf"))
-    return tl.exp(minus_lse(s, _rows(lse, T), _rows(lse_lo, T), LSE, ACC))
+            s = s + m.to(ACC) * RLN
+    if CAUSAL:
+        s = tl.where(cols <= rows, s, float("-inf"))
+    if BOUND_N:
+        s = tl.where(cols < S, s, float("-inf"))
+    r = minus_lse(s, _rows(lse, T), _rows(lse_lo, T), LSE, ACC)
+    if NATURAL:
+        return tl.exp(r)
+    else:
+        return tl.exp2(r)
 
 
 @triton.jit
@@ -272,44 +280,17 @@ def _score_tangent(
 
 @triton.jit
 def _hvp_tile(
-    q,
-    tq,
-    k,
-    tk,
-    v,
-    tv,
-    do,
-    tdo,
-    lse,
-    lse_lo,
-    LSE,
-    mu,
-    delta,
-    delta_dot,
-    offs_m,
-    offs_n,
-    L,
-    S,
-    MASK,
-    mask_base,
-    stride_mm,
-    stride_mn,
-    scale,
-    HAS_TQ: tl.constexpr,
-    HAS_TK: tl.constexpr,
-    HAS_TV: tl.constexpr,
-    HAS_TDO: tl.constexpr,
-    MASK_KIND: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    T: tl.constexpr,
-    PREC: tl.constexpr,
-    ACC: tl.constexpr,
-):
+    q, tq, k, tk, v, tv, do, tdo, lse, lse_lo, LSE, mu, delta, delta_dot,
+    offs_m, offs_n, L, S, MASK, mask_base, stride_mm, stride_mn, scale, qk_scale,
+    HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr, HAS_TDO: tl.constexpr,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, BOUND_N: tl.constexpr, T: tl.constexpr,
+    NATURAL: tl.constexpr, RLN: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
     """P, Ṗ, dS, dṠ for one (BLOCK_M, BLOCK_N) tile, or (BLOCK_N, BLOCK_M) when T (Ṗ is
-    returned as P when Ṡ = 0; callers skip it then)."""
+    returned as P when Ṡ = 0; callers skip it then). Masks as in `_probs`."""
     p = _probs(
         q, k, lse, lse_lo, LSE, offs_m, offs_n, L, S, MASK, mask_base, stride_mm, stride_mn,
-        scale, MASK_KIND, CAUSAL, T, PREC, ACC,
+        qk_scale, MASK_KIND, CAUSAL, BOUND_N, T, NATURAL, RLN, PREC, ACC,
     )  # fmt: skip
     dp_c = _outer(do, v, T, PREC, ACC) - _rows(delta, T)  # dO Vᵀ − δ
     ds = p * dp_c
@@ -340,14 +321,71 @@ def _load_rows(PTR, base, offs_m, offs_e, L, E: tl.constexpr):
 
 
 @triton.jit
-def _load_stats(LSE, MU, DELTA, DELTA_DOT, zl, offs_m, L, ACC: tl.constexpr):
-    """The row statistics of BLOCK_M rows: lse as hi, lo (`kernels.lse.load_lse`), μ, δ, δ̇."""
+def _load_keys(
+    K, TK, V, TV, base, offs_n, offs_e, offs_ev, S,
+    E: tl.constexpr, EV: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
+):  # fmt: skip
+    """k, K̇, v, V̇ tiles of the key rows offs_n of the batch element at row `base` (= kb·S); a
+    tangent not given is returned as its primal (a placeholder its HAS_ flag keeps unread)."""
+    k = _load_rows(K, base * E, offs_n, offs_e, S, E)
+    v = _load_rows(V, base * EV, offs_n, offs_ev, S, EV)
+    tk = k
+    if HAS_TK:
+        tk = _load_rows(TK, base * E, offs_n, offs_e, S, E)
+    tv = v
+    if HAS_TV:
+        tv = _load_rows(TV, base * EV, offs_n, offs_ev, S, EV)
+    return k, tk, v, tv
+
+
+@triton.jit
+def _load_stats(LSE, MU, DELTA, DELTA_DOT, zl, offs_m, L, RLN: tl.constexpr, ACC: tl.constexpr):
+    """The row statistics of BLOCK_M rows: lse as hi, lo in the scores' unit
+    (`kernels.lse.load_lse`), μ, δ, δ̇."""
     rows = offs_m < L
-    lse, lse_lo = load_lse(LSE, zl + offs_m, rows, 1.0, ACC)
+    lse, lse_lo = load_lse(LSE, zl + offs_m, rows, RLN, ACC)
     mu = tl.load(MU + zl + offs_m, mask=rows, other=0.0)
     delta = tl.load(DELTA + zl + offs_m, mask=rows, other=0.0)
     delta_dot = tl.load(DELTA_DOT + zl + offs_m, mask=rows, other=0.0)
     return lse, lse_lo, mu, delta, delta_dot
+
+
+@triton.jit
+def _causal_full_hi(start_m, hi, BLOCK_N: tl.constexpr):
+    """Query-major passes, causal: key blocks [0, full_hi) are seen whole by every row of the
+    query block starting at start_m (key block [n, n + BLOCK_N) iff n + BLOCK_N − 1 <= start_m);
+    those from full_hi to hi need the causal mask."""
+    return tl.minimum(hi, ((start_m + 1) // BLOCK_N) * BLOCK_N)
+
+
+@triton.jit
+def _rowstats_step(
+    start_n, q, tq, lse, lse_lo, mu, acc, K, V, TK, TV, LSE, kb, offs_m, offs_n0, offs_e, offs_ev,
+    L, S, MASK, mask_base, stride_mm, stride_mn, scale, qk_scale,
+    E: tl.constexpr, EV: tl.constexpr,
+    HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, BOUND_N: tl.constexpr,
+    NATURAL: tl.constexpr, RLN: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """One key block of `_attn_hvp_rowstats` (CAUSAL: the block crosses the diagonal)."""
+    offs_n = start_n + offs_n0
+    k = _load_rows(K, kb * S * E, offs_n, offs_e, S, E)
+    p = _probs(
+        q, k, lse, lse_lo, LSE, offs_m, offs_n, L, S, MASK, mask_base, stride_mm,
+        stride_mn, qk_scale, MASK_KIND, CAUSAL, BOUND_N, False, NATURAL, RLN, PREC, ACC,
+    )  # fmt: skip
+    if HAS_TQ or HAS_TK:
+        tk = k
+        if HAS_TK:
+            tk = _load_rows(TK, kb * S * E, offs_n, offs_e, S, E)
+        ps = p * _score_tangent(q, tq, k, tk, scale, HAS_TQ, HAS_TK, False, PREC, ACC)
+        mu += tl.sum(ps, axis=1)
+        v = _load_rows(V, kb * S * EV, offs_n, offs_ev, S, EV)
+        acc += _dot(ps.to(v.dtype), v, PREC, ACC)  # (M, N) @ (N, Ev) -> (M, Ev)
+    if HAS_TV:
+        tv = _load_rows(TV, kb * S * EV, offs_n, offs_ev, S, EV)
+        acc += _dot(p.to(tv.dtype), tv, PREC, ACC)  # P V̇: (M, N) @ (N, Ev) -> (M, Ev)
+    return mu, acc
 
 
 @triton.jit
@@ -359,10 +397,12 @@ def _attn_hvp_rowstats(
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr, HAS_TDO: tl.constexpr,
-    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, BOUND_N: tl.constexpr,
+    NATURAL: tl.constexpr, RLN: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """Pass 1, one program per (z, query block): μ, Ȯ, δ, δ̇ for BLOCK_M rows."""
     scale = tl.load(SCALE)
+    qk_scale = tl.load(SCALE + 1)  # scale·RLN
     n_m = tl.cdiv(L, BLOCK_M)
     pid = tl.program_id(0)
     z = pid // n_m
@@ -381,31 +421,30 @@ def _attn_hvp_rowstats(
     tq = q
     if HAS_TQ:
         tq = _load_rows(TQ, qb * L * E, offs_m, offs_e, L, E)
-    lse, lse_lo = load_lse(LSE, zl + offs_m, rows, 1.0, ACC)
+    lse, lse_lo = load_lse(LSE, zl + offs_m, rows, RLN, ACC)
 
     mu = tl.zeros([BLOCK_M], dtype=ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_EV], dtype=ACC)  # (P∘Ṡ)V, then Ȯ
     hi = S
+    full_hi = S
     if CAUSAL:
         hi = tl.minimum(S, start_m + BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        k = _load_rows(K, kb * S * E, offs_n, offs_e, S, E)
-        p = _probs(
-            q, k, lse, lse_lo, LSE, offs_m, offs_n, L, S, MASK, mask_base, stride_mm, stride_mn,
-            scale, MASK_KIND, CAUSAL, False, PREC, ACC,
+        full_hi = _causal_full_hi(start_m, hi, BLOCK_N)
+    for start_n in range(0, full_hi, BLOCK_N):  # no causal mask needed
+        mu, acc = _rowstats_step(
+            start_n, q, tq, lse, lse_lo, mu, acc, K, V, TK, TV, LSE, kb, offs_m, offs_n0,
+            offs_e, offs_ev, L, S, MASK, mask_base, stride_mm, stride_mn, scale, qk_scale,
+            E, EV, HAS_TQ, HAS_TK, HAS_TV, MASK_KIND, False, BOUND_N, NATURAL, RLN, PREC,
+            ACC,
         )  # fmt: skip
-        if HAS_TQ or HAS_TK:
-            tk = k
-            if HAS_TK:
-                tk = _load_rows(TK, kb * S * E, offs_n, offs_e, S, E)
-            ps = p * _score_tangent(q, tq, k, tk, scale, HAS_TQ, HAS_TK, False, PREC, ACC)
-            mu += tl.sum(ps, axis=1)
-            v = _load_rows(V, kb * S * EV, offs_n, offs_ev, S, EV)
-            acc += _dot(ps.to(v.dtype), v, PREC, ACC)  # (M, N) @ (N, Ev) -> (M, Ev)
-        if HAS_TV:
-            tv = _load_rows(TV, kb * S * EV, offs_n, offs_ev, S, EV)
-            acc += _dot(p.to(tv.dtype), tv, PREC, ACC)  # P V̇: (M, N) @ (N, Ev) -> (M, Ev)
+    if CAUSAL:  # the blocks that cross the diagonal (not compiled without causality)
+        for start_n in range(full_hi, hi, BLOCK_N):
+            mu, acc = _rowstats_step(
+                start_n, q, tq, lse, lse_lo, mu, acc, K, V, TK, TV, LSE, kb, offs_m, offs_n0,
+                offs_e, offs_ev, L, S, MASK, mask_base, stride_mm, stride_mn, scale, qk_scale,
+                E, EV, HAS_TQ, HAS_TK, HAS_TV, MASK_KIND, True, BOUND_N, NATURAL, RLN,
+                PREC, ACC,
+            )  # fmt: skip
 
     o = _load_rows(O, zl * EV, offs_m, offs_ev, L, EV).to(ACC)
     do = _load_rows(DO, zl * EV, offs_m, offs_ev, L, EV).to(ACC)
@@ -423,6 +462,31 @@ def _attn_hvp_rowstats(
 
 
 @triton.jit
+def _dq_step(
+    start_n, q, tq, do, tdo, lse, lse_lo, mu, delta, delta_dot, acc, K, V, TK, TV, LSE, kb,
+    offs_m, offs_n0, offs_e, offs_ev, L, S, MASK, mask_base, stride_mm, stride_mn, scale,
+    qk_scale, E: tl.constexpr, EV: tl.constexpr,
+    HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr, HAS_TDO: tl.constexpr,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, BOUND_N: tl.constexpr,
+    NATURAL: tl.constexpr, RLN: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """One key block of `_attn_hvp_dq` (CAUSAL: the block crosses the diagonal)."""
+    offs_n = start_n + offs_n0
+    k, tk, v, tv = _load_keys(K, TK, V, TV, kb * S, offs_n, offs_e, offs_ev, S, E, EV,
+                              HAS_TK, HAS_TV)  # fmt: skip
+    _p, _pd, ds, dsd = _hvp_tile(
+        q, tq, k, tk, v, tv, do, tdo, lse, lse_lo, LSE, mu, delta, delta_dot, offs_m,
+        offs_n, L, S, MASK, mask_base, stride_mm, stride_mn, scale, qk_scale,
+        HAS_TQ, HAS_TK, HAS_TV, HAS_TDO, MASK_KIND, CAUSAL, BOUND_N, False, NATURAL, RLN,
+        PREC, ACC,
+    )  # fmt: skip
+    acc += _dot(dsd.to(k.dtype), k, PREC, ACC)  # dṠ K: (M, N) @ (N, E) -> (M, E)
+    if HAS_TK:
+        acc += _dot(ds.to(tk.dtype), tk, PREC, ACC)  # dS K̇
+    return acc
+
+
+@triton.jit
 def _attn_hvp_dq(
     Q, K, V, TQ, TK, TV, DO, TDO, LSE, MASK,
     MU, DELTA, DELTA_DOT, DQ_DOT,
@@ -431,11 +495,13 @@ def _attn_hvp_dq(
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr, HAS_TDO: tl.constexpr,
-    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, BOUND_N: tl.constexpr,
+    NATURAL: tl.constexpr, RLN: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """Pass 2a, one program per (q batch element, query block): dQ̇, summed over the GQ flat
     batch indices z that share this q element (QGROUP row), each over all key blocks."""
     scale = tl.load(SCALE)
+    qk_scale = tl.load(SCALE + 1)  # scale·RLN
     n_m = tl.cdiv(L, BLOCK_M)
     pid = tl.program_id(0)
     qb = (pid // n_m).to(tl.int64)
@@ -452,8 +518,10 @@ def _attn_hvp_dq(
         tq = _load_rows(TQ, qb * L * E, offs_m, offs_e, L, E)
     acc = tl.zeros([BLOCK_M, BLOCK_E], dtype=ACC)
     hi = S
+    full_hi = S
     if CAUSAL:
         hi = tl.minimum(S, start_m + BLOCK_M)
+        full_hi = _causal_full_hi(start_m, hi, BLOCK_N)
     for g in range(0, GQ):
         z = tl.load(QGROUP + qb * GQ + g).to(tl.int64)
         kb = tl.load(KB + z).to(tl.int64)
@@ -464,29 +532,67 @@ def _attn_hvp_dq(
         if HAS_TDO:
             tdo = _load_rows(TDO, zl * EV, offs_m, offs_ev, L, EV)
         lse, lse_lo, mu, delta, delta_dot = _load_stats(
-            LSE, MU, DELTA, DELTA_DOT, zl, offs_m, L, ACC
+            LSE, MU, DELTA, DELTA_DOT, zl, offs_m, L, RLN, ACC
         )
-        for start_n in range(0, hi, BLOCK_N):
-            offs_n = start_n + offs_n0
-            k = _load_rows(K, kb * S * E, offs_n, offs_e, S, E)
-            v = _load_rows(V, kb * S * EV, offs_n, offs_ev, S, EV)
-            tk = k
-            if HAS_TK:
-                tk = _load_rows(TK, kb * S * E, offs_n, offs_e, S, E)
-            tv = v
-            if HAS_TV:
-                tv = _load_rows(TV, kb * S * EV, offs_n, offs_ev, S, EV)
-            _p, _pd, ds, dsd = _hvp_tile(
-                q, tq, k, tk, v, tv, do, tdo, lse, lse_lo, LSE, mu, delta, delta_dot, offs_m,
-                offs_n, L, S, MASK, mask_base, stride_mm, stride_mn, scale,
-                HAS_TQ, HAS_TK, HAS_TV, HAS_TDO, MASK_KIND, CAUSAL, False, PREC, ACC,
+        for start_n in range(0, full_hi, BLOCK_N):  # no causal mask needed
+            acc = _dq_step(
+                start_n, q, tq, do, tdo, lse, lse_lo, mu, delta, delta_dot, acc, K, V, TK, TV,
+                LSE, kb, offs_m, offs_n0, offs_e, offs_ev, L, S, MASK, mask_base, stride_mm,
+                stride_mn, scale, qk_scale, E, EV, HAS_TQ, HAS_TK, HAS_TV, HAS_TDO, MASK_KIND,
+                False, BOUND_N, NATURAL, RLN, PREC, ACC,
             )  # fmt: skip
-            acc += _dot(dsd.to(k.dtype), k, PREC, ACC)  # dṠ K: (M, N) @ (N, E) -> (M, E)
-            if HAS_TK:
-                acc += _dot(ds.to(tk.dtype), tk, PREC, ACC)  # dS K̇
+        if CAUSAL:  # the blocks that cross the diagonal
+            for start_n in range(full_hi, hi, BLOCK_N):
+                acc = _dq_step(
+                    start_n, q, tq, do, tdo, lse, lse_lo, mu, delta, delta_dot, acc, K, V, TK,
+                    TV, LSE, kb, offs_m, offs_n0, offs_e, offs_ev, L, S, MASK, mask_base,
+                    stride_mm, stride_mn, scale, qk_scale, E, EV, HAS_TQ, HAS_TK, HAS_TV,
+                    HAS_TDO, MASK_KIND, True, BOUND_N, NATURAL, RLN, PREC, ACC,
+                )  # fmt: skip
     ptrs = DQ_DOT + qb * L * E + offs_m[:, None] * E + offs_e[None, :]
     out = (acc * scale).to(DQ_DOT.dtype.element_ty)
     tl.store(ptrs, out, mask=rows[:, None] & (offs_e[None, :] < E))
+
+
+@triton.jit
+def _dkdv_step(
+    start_m, k, tk, v, tv, dk, dv, Q, TQ, DO, TDO, LSE, MU, DELTA, DELTA_DOT, qb, zl,
+    offs_m0, offs_n, offs_e, offs_ev, L, S, MASK, mask_base, stride_mm, stride_mn, scale,
+    qk_scale, E: tl.constexpr, EV: tl.constexpr,
+    HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr, HAS_TDO: tl.constexpr,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, KEY_MAJOR: tl.constexpr,
+    NATURAL: tl.constexpr, RLN: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """One query block of `_attn_hvp_dkdv` (CAUSAL: apply the causal mask)."""
+    offs_m = start_m + offs_m0
+    q = _load_rows(Q, qb * L * E, offs_m, offs_e, L, E)
+    tq = q
+    if HAS_TQ:
+        tq = _load_rows(TQ, qb * L * E, offs_m, offs_e, L, E)
+    do = _load_rows(DO, zl * EV, offs_m, offs_ev, L, EV)
+    tdo = do
+    if HAS_TDO:
+        tdo = _load_rows(TDO, zl * EV, offs_m, offs_ev, L, EV)
+    lse, lse_lo, mu, delta, delta_dot = _load_stats(
+        LSE, MU, DELTA, DELTA_DOT, zl, offs_m, L, RLN, ACC
+    )
+    p, pd, ds, dsd = _hvp_tile(
+        q, tq, k, tk, v, tv, do, tdo, lse, lse_lo, LSE, mu, delta, delta_dot, offs_m,
+        offs_n, L, S, MASK, mask_base, stride_mm, stride_mn, scale, qk_scale,
+        HAS_TQ, HAS_TK, HAS_TV, HAS_TDO, MASK_KIND, CAUSAL, False, KEY_MAJOR, NATURAL, RLN,
+        PREC, ACC,
+    )  # fmt: skip
+    if not KEY_MAJOR:  # tiles are (M, N): transpose them for the key side
+        p, pd, ds, dsd = tl.trans(p), tl.trans(pd), tl.trans(ds), tl.trans(dsd)
+    # (N, M) @ (M, E) -> (N, E)
+    dk += _dot(dsd.to(q.dtype), q, PREC, ACC)  # dṠᵀ Q
+    if HAS_TQ:
+        dk += _dot(ds.to(tq.dtype), tq, PREC, ACC)  # dSᵀ Q̇
+    if HAS_TQ or HAS_TK:
+        dv += _dot(pd.to(do.dtype), do, PREC, ACC)  # Ṗᵀ dO: (N, M) @ (M, Ev) -> (N, Ev)
+    if HAS_TDO:
+        dv += _dot(p.to(tdo.dtype), tdo, PREC, ACC)  # Pᵀ dȮ
+    return dk, dv
 
 
 @triton.jit
@@ -498,12 +604,13 @@ def _attn_hvp_dkdv(
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr, HAS_TDO: tl.constexpr,
-    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
-    KEY_MAJOR: tl.constexpr,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, NATURAL: tl.constexpr, RLN: tl.constexpr,
+    PREC: tl.constexpr, ACC: tl.constexpr, KEY_MAJOR: tl.constexpr,
 ):  # fmt: skip
     """Pass 2b, one program per (k batch element, key block): dK̇ and dV̇, summed over the GK
     flat batch indices z that share this k element (KGROUP row), each over all query blocks."""
     scale = tl.load(SCALE)
+    qk_scale = tl.load(SCALE + 1)  # scale·RLN
     n_n = tl.cdiv(S, BLOCK_N)
     pid = tl.program_id(0)
     kb = (pid // n_n).to(tl.int64)
@@ -514,14 +621,8 @@ def _attn_hvp_dkdv(
     offs_ev = tl.arange(0, BLOCK_EV)
     cols = offs_n < S
 
-    k = _load_rows(K, kb * S * E, offs_n, offs_e, S, E)
-    v = _load_rows(V, kb * S * EV, offs_n, offs_ev, S, EV)
-    tk = k
-    if HAS_TK:
-        tk = _load_rows(TK, kb * S * E, offs_n, offs_e, S, E)
-    tv = v
-    if HAS_TV:
-        tv = _load_rows(TV, kb * S * EV, offs_n, offs_ev, S, EV)
+    k, tk, v, tv = _load_keys(K, TK, V, TV, kb * S, offs_n, offs_e, offs_ev, S, E, EV,
+                              HAS_TK, HAS_TV)  # fmt: skip
     dk = tl.zeros([BLOCK_N, BLOCK_E], dtype=ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_EV], dtype=ACC)
     lo = 0
@@ -532,34 +633,18 @@ def _attn_hvp_dkdv(
         qb = tl.load(QB + z).to(tl.int64)
         mask_base = tl.load(MOFF + z)
         zl = z * L
+        # Causal: one loop, every block masked. Splitting off the blocks below the diagonal
+        # into an unmasked loop (as the query-major passes do) made this pass slower on an
+        # H200 (bf16, N=4096: D=64 0.75 -> 0.78 ms, D=128 1.48 -> 1.73;
+        # experiments/results/hvp_profile_h200_s11_causal_split.md): two copies of this large loop
+        # body, at the register limit, cost more than the mask they save.
         for start_m in range(lo, L, BLOCK_M):
-            offs_m = start_m + offs_m0
-            q = _load_rows(Q, qb * L * E, offs_m, offs_e, L, E)
-            tq = q
-            if HAS_TQ:
-                tq = _load_rows(TQ, qb * L * E, offs_m, offs_e, L, E)
-            do = _load_rows(DO, zl * EV, offs_m, offs_ev, L, EV)
-            tdo = do
-            if HAS_TDO:
-                tdo = _load_rows(TDO, zl * EV, offs_m, offs_ev, L, EV)
-            lse, lse_lo, mu, delta, delta_dot = _load_stats(
-                LSE, MU, DELTA, DELTA_DOT, zl, offs_m, L, ACC
-            )
-            p, pd, ds, dsd = _hvp_tile(
-                q, tq, k, tk, v, tv, do, tdo, lse, lse_lo, LSE, mu, delta, delta_dot, offs_m,
-                offs_n, L, S, MASK, mask_base, stride_mm, stride_mn, scale,
-                HAS_TQ, HAS_TK, HAS_TV, HAS_TDO, MASK_KIND, CAUSAL, KEY_MAJOR, PREC, ACC,
+            dk, dv = _dkdv_step(
+                start_m, k, tk, v, tv, dk, dv, Q, TQ, DO, TDO, LSE, MU, DELTA, DELTA_DOT,
+                qb, zl, offs_m0, offs_n, offs_e, offs_ev, L, S, MASK, mask_base, stride_mm,
+                stride_mn, scale, qk_scale, E, EV, HAS_TQ, HAS_TK, HAS_TV, HAS_TDO,
+                MASK_KIND, CAUSAL, KEY_MAJOR, NATURAL, RLN, PREC, ACC,
             )  # fmt: skip
-            if not KEY_MAJOR:  # tiles are (M, N): transpose them for the key side
-                p, pd, ds, dsd = tl.trans(p), tl.trans(pd), tl.trans(ds), tl.trans(dsd)
-            # (N, M) @ (M, E) -> (N, E)
-            dk += _dot(dsd.to(q.dtype), q, PREC, ACC)  # dṠᵀ Q
-            if HAS_TQ:
-                dk += _dot(ds.to(tq.dtype), tq, PREC, ACC)  # dSᵀ Q̇
-            if HAS_TQ or HAS_TK:
-                dv += _dot(pd.to(do.dtype), do, PREC, ACC)  # Ṗᵀ dO: (N, M) @ (M, Ev) -> (N, Ev)
-            if HAS_TDO:
-                dv += _dot(p.to(tdo.dtype), tdo, PREC, ACC)  # Pᵀ dȮ
     dk_ptrs = DK_DOT + kb * S * E + offs_n[:, None] * E + offs_e[None, :]
     tl.store(
         dk_ptrs,
@@ -620,12 +705,20 @@ def _tables(
     return _cached(("tables", q_batch, k_batch, batch, device), make)  # type: ignore[return-value]
 
 
-def _scale(scale: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The scale as a one-element tensor (a Python float would reach the kernel as float32)."""
+def _scale(scale: float, rln: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """[scale, scale·rln] as a tensor (a Python float would reach the kernel as float32): the
+    scale of Ṡ and of the outputs, and that of the scores in their unit (`_natural`)."""
     return _cached(  # type: ignore[return-value]
-        ("scale", scale, dtype, device),
-        lambda: torch.tensor([scale], device=device, dtype=dtype),
+        ("scale", scale, rln, dtype, device),
+        lambda: torch.tensor([scale, scale * rln], device=device, dtype=dtype),
     )
+
+
+def _natural(dtype: torch.dtype) -> bool:
+    """Whether the kernels take P = exp(s − lse) in natural units (float32, float64) or, for
+    16-bit inputs, exp2 of scores scaled by log2(e) (one multiply less per score; their own
+    rounding dominates the one of s·log2(e), as in the first-order kernels)."""
+    return dtype not in (torch.float16, torch.bfloat16)
 
 
 def _mask_args(
@@ -764,6 +857,7 @@ def backward_jvp(
     dk_dot = torch.empty_like(k)
     dv_dot = torch.empty_like(v)
 
+    natural = _natural(dtype)
     flags = dict(
         E=E,
         EV=Ev,
@@ -775,30 +869,32 @@ def backward_jvp(
         HAS_TDO=tdo is not None,
         MASK_KIND=mask_kind,
         CAUSAL=problem.is_causal,
+        NATURAL=natural,
+        RLN=1.0 if natural else LOG2E,
         PREC=_precision(dtype, padded_head(E, Ev)),
         ACC=tl.float64 if dtype == torch.float64 else tl.float32,
     )
     block_e = max(flags["BLOCK_E"], flags["BLOCK_EV"])
     # A tangent given as None is never read (its HAS_ flag is off); pass q as a placeholder.
     tq_, tk_, tv_, tdo_ = (t if t is not None else q for t in (tq, tk, tv, tdo))
-    scale = _scale(problem.scale, acc_t, device)
+    scale = _scale(problem.scale, 1.0 if natural else LOG2E, acc_t, device)
 
     size = q.element_size()
     rowstats = None
     if not given:
-        rowstats = _launch(_attn_hvp_rowstats, "rowstats", block_e, size, L, Z, [
+        rowstats = _launch(_attn_hvp_rowstats, "rowstats", block_e, size, L, S, Z, [
             q, k, v, tq_, tk_, tv_, o, do, tdo_, lse, m_ptr,
             o_dot, mu, delta, delta_dot,
             qb, kb, m_off,
             stride_mm, stride_mn, L, S, scale,
         ], flags)  # fmt: skip
-    dq_run = _launch(_attn_hvp_dq, "dq", block_e, size, L, Zq, [
+    dq_run = _launch(_attn_hvp_dq, "dq", block_e, size, L, S, Zq, [
         q, k, v, tq_, tk_, tv_, do, tdo_, lse, m_ptr,
         mu, delta, delta_dot, dq_dot,
         kb, m_off, q_groups, Z // Zq,
         stride_mm, stride_mn, L, S, scale,
     ], flags)  # fmt: skip
-    dkdv_run = _launch(_attn_hvp_dkdv, "dkdv", block_e, size, S, Zk, [
+    dkdv_run = _launch(_attn_hvp_dkdv, "dkdv", block_e, size, L, S, Zk, [
         q, k, v, tq_, tk_, tv_, do, tdo_, lse, m_ptr,
         mu, delta, delta_dot, dk_dot, dv_dot,
         qb, m_off, k_groups, Z // Zk,
