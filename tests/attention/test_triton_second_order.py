@@ -153,10 +153,10 @@ def _odd_problem(dtype: torch.dtype, causal: bool):
 def test_float32_two_times_rule(so, causal: bool, units: str, monkeypatch) -> None:
     """float32 kernel error against float64 at most 2× (+ a float32 ulp-level floor) the error of
     the same computation in float32 torch ops (flash-attention's rule). "log2": the kernels as
-    16-bit inputs compile them (scores scaled by log2(e), P = exp2(·); `second_order._natural`),
+    16-bit inputs compile them (scores scaled by log2(e), P = exp2(·); `kernels.natural_exp`),
     which the interpreter cannot run in 16 bits, here in float32."""
     if units == "log2":
-        monkeypatch.setattr(so, "_natural", lambda dtype: False)
+        monkeypatch.setattr(so, "natural_exp", lambda dtype: False)
     c64, c32 = _odd_problem(torch.float32, causal)
     gen = torch.Generator().manual_seed(2)
     out64, lse64 = blockwise.forward(c64.q, c64.k, c64.v, c64.mask, c64.problem)

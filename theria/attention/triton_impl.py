@@ -48,9 +48,11 @@ from theria._warnings import warn_once
 from theria.attention import blockwise
 from theria.attention.contract import Problem, canonicalize
 from theria.attention.kernels import (
+    LOG2E,
     MAX_GRID_BATCH,
     MAX_HEAD_DIM,
     TF32X3_MAX_HEAD,
+    natural_exp,
     padded_head,
     precision,
 )
@@ -245,11 +247,6 @@ def _mask_arg(mask: Tensor | None, q: Tensor, L: int, S: int) -> tuple[Tensor, i
     return mask, 2
 
 
-def _natural(dtype: torch.dtype) -> bool:
-    """float32/float64 kernels use natural exp/log; 16-bit ones exp2 (see kernels/first_order)."""
-    return dtype in (torch.float32, torch.float64)
-
-
 def _scale_arg(problem: Problem, dtype: torch.dtype, device: torch.device) -> Tensor:
     """[scale in the kernels' exponent units, scale]: log2(e)·scale for exp2 (16-bit inputs),
     scale for natural exp; a tensor keeps float64's scale exact (a Python float is float32)."""
@@ -257,7 +254,7 @@ def _scale_arg(problem: Problem, dtype: torch.dtype, device: torch.device) -> Te
     if key not in _SCALES:  # cached: a host-to-device copy per call would stall the launches
         if len(_SCALES) > 64:
             _SCALES.clear()
-        unit = 1.0 if _natural(dtype) else K.LOG2E
+        unit = 1.0 if natural_exp(dtype) else LOG2E
         values = [problem.scale * unit, problem.scale]
         _SCALES[key] = torch.tensor(values, dtype=_acc_dtype(dtype), device=device)
     return _SCALES[key]
@@ -319,7 +316,7 @@ def _pow2(n: int) -> int:
 
 @functools.lru_cache(maxsize=256)
 def _consts_cached(E: int, Ev: int, dtype: torch.dtype, mask_kind: int, causal: bool) -> dict:
-    natural = _natural(dtype)
+    natural = natural_exp(dtype)
     return dict(
         E=E,
         EV=Ev,
@@ -330,7 +327,7 @@ def _consts_cached(E: int, Ev: int, dtype: torch.dtype, mask_kind: int, causal: 
         F64=dtype == torch.float64,
         NATURAL=natural,
         ACCURATE=natural and not INTERPRET,  # libdevice exp/log, IEEE division (CUDA only)
-        RLN=1.0 if natural else K.LOG2E,  # the scores' unit: exp2 or natural exp
+        RLN=1.0 if natural else LOG2E,  # the scores' unit: exp2 or natural exp
         PREC=precision(dtype, padded_head(E, Ev)),
     )
 

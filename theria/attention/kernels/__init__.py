@@ -18,6 +18,14 @@ MAX_HEAD_DIM = 128  # widest E or Ev the first-order kernels take (wider: blockw
 TF32X3_MAX_HEAD = 64  # widest padded float32 head dim of the narrow scheme (see precision)
 # The first-order kernels put the flattened batch on grid axis 1, which CUDA caps at 65535.
 MAX_GRID_BATCH = 65535
+LOG2E = 1.4426950408889634  # log2(e) = 1/ln 2, so exp(x) = exp2(x·LOG2E)
+
+
+def natural_exp(dtype: torch.dtype) -> bool:
+    """Whether kernels on inputs of `dtype` take exp/log in natural units (float32, float64) or,
+    for 16-bit inputs, exp2 of scores scaled by log2(e) (one multiply less per score; their own
+    rounding dominates that of s·log2(e)). Shared by the first- and second-order kernels."""
+    return dtype in (torch.float32, torch.float64)
 
 
 def padded_head(*dims: int) -> int:

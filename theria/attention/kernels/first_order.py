@@ -65,7 +65,6 @@ from theria.attention.kernels.lse import load_lse, minus_lse, scale_scores
 
 interpreter_compat.apply()  # Triton < 3.7 under NumPy 2 (see that module)
 
-LOG2E = 1.4426950408889634  # log2(e) = 1/ln 2, so exp(x) = exp2(x·LOG2E)
 LN2 = 0.6931471805599453  # ln 2, so ln(x) = log2(x)·LN2
 
 
@@ -139,7 +138,7 @@ def _causal_hi(start_m, S, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _causal_full_hi(start_m, hi, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+def causal_full_hi(start_m, hi, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
     """The end of the key blocks [0, full_hi) that every query of the block [start_m, ...) sees
     whole, so that they need no causal mask (key block [n, n + BLOCK_N) is seen whole by query
     start_m iff n + BLOCK_N - 1 <= start_m); the blocks from full_hi to hi are masked. Not
@@ -272,7 +271,7 @@ def _attn_fwd(
             acc_b = tl.zeros([BLOCK_M, BLOCK_DV], ACC)  # running p V̇
 
     hi = _causal_hi(start_m, S, BLOCK_M, IS_CAUSAL)
-    full_hi = _causal_full_hi(start_m, hi, BLOCK_N, IS_CAUSAL)
+    full_hi = causal_full_hi(start_m, hi, BLOCK_N, IS_CAUSAL)
     # Blocks below the diagonal, then (causal only) those that straddle it: the causal mask
     # only where it can mask something.
     for start_n in range(0, full_hi, BLOCK_N):
@@ -425,7 +424,7 @@ def _attn_fwd_jvp(
     acc_b = tl.zeros([BLOCK_M, BLOCK_DV], ACC)  # P V̇
 
     hi = _causal_hi(start_m, S, BLOCK_M, IS_CAUSAL)
-    full_hi = _causal_full_hi(start_m, hi, BLOCK_N, IS_CAUSAL)
+    full_hi = causal_full_hi(start_m, hi, BLOCK_N, IS_CAUSAL)
     for start_n in range(0, full_hi, BLOCK_N):  # below the diagonal: no causal mask
         mu, acc_a, acc_b = _jvp_block(
             start_n, q, tq, lse, lse_lo, mu, acc_a, acc_b, K, V, MASK, TK, TV, LSE,
@@ -642,7 +641,7 @@ def _attn_bwd_dq(
     tl.store(DELTA + row_base + offs_m, delta, mask=offs_m < L)
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     hi = _causal_hi(start_m, S, BLOCK_M, IS_CAUSAL)
-    full_hi = _causal_full_hi(start_m, hi, BLOCK_N, IS_CAUSAL)
+    full_hi = causal_full_hi(start_m, hi, BLOCK_N, IS_CAUSAL)
     for start_n in range(0, full_hi, BLOCK_N):  # below the diagonal: no causal mask
         dq = _dq_block(
             start_n, q, do, lse, lse_lo, delta, dq, K, V, MASK, LSE, qk_scale,

@@ -36,9 +36,10 @@ multiply: float32 accuracy within the 2× rule, at tensor-core speed) and IEEE d
 ones (`theria.attention.kernels.precision`); float64 (for the
 interpreter tests) accumulates in float64. Rows whose every key is masked give zeros.
 16-bit inputs take P as exp2 of scores scaled by scale·log2(e) (as the first-order kernels do;
-float32 and float64 keep natural units, `_natural`). A tile is masked only where it needs it:
-the causal mask on blocks that cross the diagonal (query-major passes; the dK̇/dV̇ pass masks
-every block, see there), the key bound only where the last key block is partial (`_probs`).
+float32 and float64 keep natural units, `kernels.natural_exp`). A tile is masked only where it
+needs it: the causal mask on blocks that cross the diagonal (query-major passes; the dK̇/dV̇ pass
+masks every block, see there), the key bound only where the last key block is partial
+(`_probs`).
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ from triton.runtime.errors import OutOfResources
 
 from theria._warnings import warn_once
 from theria.attention.contract import Problem, _broadcast
-from theria.attention.kernels import interpreter_compat, padded_head
+from theria.attention.kernels import LOG2E, interpreter_compat, natural_exp, padded_head
 from theria.attention.kernels import precision as _precision
+from theria.attention.kernels.first_order import causal_full_hi
 from theria.attention.kernels.launch import enabled as fast_launch_enabled
 from theria.attention.kernels.launch import launch, layout_key
 from theria.attention.kernels.lse import load_lse, minus_lse, scale_scores
@@ -64,7 +66,6 @@ from theria.attention.kernels.lse import load_lse, minus_lse, scale_scores
 interpreter_compat.apply()  # Triton < 3.7 under NumPy 2 (see that module)
 
 MAX_HEAD_DIM = 256
-LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x·LOG2E)
 # `backward_jvp` takes the tangents of out and lse (o_dot, mu) when the caller has them.
 REUSES_TANGENT_STATS = True
 
@@ -351,14 +352,6 @@ def _load_stats(LSE, MU, DELTA, DELTA_DOT, zl, offs_m, L, RLN: tl.constexpr, ACC
 
 
 @triton.jit
-def _causal_full_hi(start_m, hi, BLOCK_N: tl.constexpr):
-    """Query-major passes, causal: key blocks [0, full_hi) are seen whole by every row of the
-    query block starting at start_m (key block [n, n + BLOCK_N) iff n + BLOCK_N − 1 <= start_m);
-    those from full_hi to hi need the causal mask."""
-    return tl.minimum(hi, ((start_m + 1) // BLOCK_N) * BLOCK_N)
-
-
-@triton.jit
 def _rowstats_step(
     start_n, q, tq, lse, lse_lo, mu, acc, K, V, TK, TV, LSE, kb, offs_m, offs_n0, offs_e, offs_ev,
     L, S, MASK, mask_base, stride_mm, stride_mn, scale, qk_scale,
@@ -429,7 +422,7 @@ def _attn_hvp_rowstats(
     full_hi = S
     if CAUSAL:
         hi = tl.minimum(S, start_m + BLOCK_M)
-        full_hi = _causal_full_hi(start_m, hi, BLOCK_N)
+        full_hi = causal_full_hi(start_m, hi, BLOCK_N, True)
     for start_n in range(0, full_hi, BLOCK_N):  # no causal mask needed
         mu, acc = _rowstats_step(
             start_n, q, tq, lse, lse_lo, mu, acc, K, V, TK, TV, LSE, kb, offs_m, offs_n0,
@@ -521,7 +514,7 @@ def _attn_hvp_dq(
     full_hi = S
     if CAUSAL:
         hi = tl.minimum(S, start_m + BLOCK_M)
-        full_hi = _causal_full_hi(start_m, hi, BLOCK_N)
+        full_hi = causal_full_hi(start_m, hi, BLOCK_N, True)
     for g in range(0, GQ):
         z = tl.load(QGROUP + qb * GQ + g).to(tl.int64)
         kb = tl.load(KB + z).to(tl.int64)
@@ -707,18 +700,11 @@ def _tables(
 
 def _scale(scale: float, rln: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     """[scale, scale·rln] as a tensor (a Python float would reach the kernel as float32): the
-    scale of Ṡ and of the outputs, and that of the scores in their unit (`_natural`)."""
+    scale of Ṡ and of the outputs, and that of the scores in their unit (`kernels.natural_exp`)."""
     return _cached(  # type: ignore[return-value]
         ("scale", scale, rln, dtype, device),
         lambda: torch.tensor([scale, scale * rln], device=device, dtype=dtype),
     )
-
-
-def _natural(dtype: torch.dtype) -> bool:
-    """Whether the kernels take P = exp(s − lse) in natural units (float32, float64) or, for
-    16-bit inputs, exp2 of scores scaled by log2(e) (one multiply less per score; their own
-    rounding dominates the one of s·log2(e), as in the first-order kernels)."""
-    return dtype not in (torch.float16, torch.bfloat16)
 
 
 def _mask_args(
@@ -857,7 +843,7 @@ def backward_jvp(
     dk_dot = torch.empty_like(k)
     dv_dot = torch.empty_like(v)
 
-    natural = _natural(dtype)
+    natural = natural_exp(dtype)
     flags = dict(
         E=E,
         EV=Ev,
