@@ -440,18 +440,47 @@ def _attn_hvp_rowstats(
             )  # fmt: skip
 
     o = _load_rows(O, zl * EV, offs_m, offs_ev, L, EV).to(ACC)
-    do = _load_rows(DO, zl * EV, offs_m, offs_ev, L, EV).to(ACC)
     o_dot = acc - mu[:, None] * o
+    _store_row_sums(o, o_dot, DO, TDO, DELTA, DELTA_DOT, zl, offs_m, offs_ev, L, EV, HAS_TDO, ACC)
+    o_ptrs = ODOT + zl * EV + offs_m[:, None] * EV + offs_ev[None, :]
+    tl.store(o_ptrs, o_dot.to(ODOT.dtype.element_ty), mask=rows[:, None] & (offs_ev[None, :] < EV))
+    tl.store(MU + zl + offs_m, mu, mask=rows)
+
+
+@triton.jit
+def _store_row_sums(
+    o, o_dot, DO, TDO, DELTA, DELTA_DOT, zl, offs_m, offs_ev, L,
+    EV: tl.constexpr, HAS_TDO: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """Store δ = rowsum(dO∘O) and δ̇ = rowsum(dO∘Ȯ + dȮ∘O) of BLOCK_M rows, given their O and Ȯ
+    tiles in ACC."""
+    do = _load_rows(DO, zl * EV, offs_m, offs_ev, L, EV).to(ACC)
     delta = tl.sum(do * o, axis=1)
     delta_dot = tl.sum(do * o_dot, axis=1)
     if HAS_TDO:
         tdo = _load_rows(TDO, zl * EV, offs_m, offs_ev, L, EV).to(ACC)
         delta_dot += tl.sum(tdo * o, axis=1)
-    o_ptrs = ODOT + zl * EV + offs_m[:, None] * EV + offs_ev[None, :]
-    tl.store(o_ptrs, o_dot.to(ODOT.dtype.element_ty), mask=rows[:, None] & (offs_ev[None, :] < EV))
-    tl.store(MU + zl + offs_m, mu, mask=rows)
+    rows = offs_m < L
     tl.store(DELTA + zl + offs_m, delta, mask=rows)
     tl.store(DELTA_DOT + zl + offs_m, delta_dot, mask=rows)
+
+
+@triton.jit
+def _attn_hvp_rowsums(
+    O, DO, ODOT, TDO, DELTA, DELTA_DOT, L,
+    EV: tl.constexpr, BLOCK_EV: tl.constexpr, BLOCK_M: tl.constexpr, HAS_TDO: tl.constexpr,
+    ACC: tl.constexpr,
+):  # fmt: skip
+    """Pass 1 when Ȯ is given (forward-over-reverse has it from the forward JVP): δ and δ̇ of
+    BLOCK_M rows of one flat batch index, one read of O, dO, Ȯ (and dȮ), no key loop."""
+    n_m = tl.cdiv(L, BLOCK_M)
+    pid = tl.program_id(0)
+    zl = (pid // n_m).to(tl.int64) * L
+    offs_m = (pid % n_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    o = _load_rows(O, zl * EV, offs_m, offs_ev, L, EV).to(ACC)
+    o_dot = _load_rows(ODOT, zl * EV, offs_m, offs_ev, L, EV).to(ACC)
+    _store_row_sums(o, o_dot, DO, TDO, DELTA, DELTA_DOT, zl, offs_m, offs_ev, L, EV, HAS_TDO, ACC)
 
 
 @triton.jit
@@ -827,13 +856,17 @@ def backward_jvp(
     has_sd = tq is not None or tk is not None
     given = o_dot is not None and (mu is not None or not has_sd)
     if given:
-        # Pass 1 from the given tangents of out and lse: row sums only (docs/MATH.md §5.5).
+        # Pass 1 from the given tangents of out and lse: row sums only (docs/MATH.md §5.5), one
+        # small kernel (in torch ops they took about ten launches and three float32 copies).
         o_dot = _check("o_dot", o_dot, (*batch, L, Ev), q)
-        o32, do32, od32 = (x.to(acc_t).reshape(Z, L, Ev) for x in (o, do, o_dot))
-        delta = (do32 * o32).sum(-1)  # (Z, L)
-        delta_dot = (do32 * od32).sum(-1)
-        if tdo is not None:
-            delta_dot = delta_dot + (tdo.to(acc_t).reshape(Z, L, Ev) * o32).sum(-1)
+        delta, delta_dot = (torch.empty((Z, L), device=device, dtype=acc_t) for _ in range(2))
+        block_ev = max(16, triton.next_power_of_2(Ev))
+        rows = max(16, min(64, 8192 // block_ev))  # at most 64 elements a thread, 4 warps
+        launch(_attn_hvp_rowsums, (Z * triton.cdiv(L, rows),),
+               [o, do, o_dot, tdo if tdo is not None else o, delta, delta_dot, L],
+               dict(EV=Ev, BLOCK_EV=block_ev, BLOCK_M=rows, HAS_TDO=tdo is not None,
+                    ACC=tl.float64 if dtype == torch.float64 else tl.float32,
+                    num_warps=4, num_stages=1))  # fmt: skip
         # mu None (Ṡ = 0) is never read: HAS_TQ = HAS_TK = False; delta holds its place.
         mu = delta if mu is None else mu.expand(*batch, L).to(acc_t).reshape(Z, L).contiguous()
     else:
