@@ -245,6 +245,7 @@ SWEEP = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages, key-major tiles), largest
         (64, 32, 4, 3, False), (128, 32, 4, 3, False), (64, 64, 8, 2, False),
         (64, 32, 4, 2, False), (32, 64, 4, 3, False), (128, 32, 8, 2, False),
         (32, 64, 4, 2, False), (32, 32, 4, 3, False), (128, 64, 8, 2, False),
+        (128, 32, 8, 3, False),  # fwd_rev's at head dim 128 (hvp_profile_h200_s12.md)
     ],
     "rowstats": [
         (64, 64, 4, 3, False), (128, 64, 8, 3, False), (128, 64, 4, 3, False),

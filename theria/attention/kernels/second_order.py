@@ -90,8 +90,12 @@ CONFIGS: dict[str, dict[int, Config]] = {
 }
 # Entries that differ when a dO tangent is given (forward-over-reverse, fwd_rev): one more
 # input tile and its products change which tile is fastest (same sweep: at head dim 128 the
-# double backward's best dQ tile ran 1.5x slower there, shrunk to fit).
-CONFIGS_TDO: dict[str, dict[int, Config]] = {"dq": {128: (128, 32, 8, 2, False)}}
+# double backward's best dQ tile ran 1.5x slower there, shrunk to fit). Three stages of that
+# tile fit (224 KiB, 202 registers, no spill in an offline sm_90a compile) and took the kernel
+# from 2.52 to 1.97 ms on the H200 (bf16, N=4096; experiments/results/hvp_profile_h200_s12*.md);
+# key-major (16, 128, 8, 3) and query-major (16, 64, 4, 3) dK̇/dV̇ tiles, which spill less or not
+# at all there, ran slower than CONFIGS' (3.85 and 4.16 against 2.81 ms, same run).
+CONFIGS_TDO: dict[str, dict[int, Config]] = {"dq": {128: (128, 32, 8, 3, False)}}
 # float32 entries that differ (tf32x3 dots split each operand in two, so the tiles hold more),
 # over both tables above: dq at head dim 64 with a dO tangent does not fit three stages in an
 # H100's shared memory (tests/attention/test_launch.py on the H100 announced the shrink), nor
