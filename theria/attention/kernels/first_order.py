@@ -682,8 +682,11 @@ FWD_CONFIGS = _configs([
     (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 4, 4),
 ])  # fmt: skip
 # Three accumulators (O, (P∘Ṡ)V, PV̇): at head dim 128 smaller row tiles or more warps.
+# (128, 32, 8, 3): the fastest fused forward + JVP at head dim 128 in the H200 tile sweep
+# (2.00 against the autotuner's 2.13 ms, experiments/results/tile_sweep_h200.md).
 JVP_CONFIGS = _configs([
     (64, 64, 4, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 8, 2), (64, 32, 4, 2),
+    (128, 32, 8, 3),
 ])  # fmt: skip
 DKDV_CONFIGS = _configs([
     (32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2), (64, 64, 8, 2),
