@@ -857,29 +857,6 @@ def backward_jvp(
     Zq, Zk = math.prod(q.shape[:-2]), math.prod(k.shape[:-2])
     m_ptr, m_off, stride_mm, stride_mn, mask_kind = _mask_args(mask, batch, L, S, q)
 
-    has_sd = tq is not None or tk is not None
-    given = o_dot is not None and (mu is not None or not has_sd)
-    if given:
-        # Pass 1 from the given tangents of out and lse: row sums only (docs/MATH.md §5.5), one
-        # small kernel (in torch ops they took about ten launches and three float32 copies).
-        o_dot = _check("o_dot", o_dot, (*batch, L, Ev), q)
-        delta, delta_dot = (torch.empty((Z, L), device=device, dtype=acc_t) for _ in range(2))
-        block_ev = max(16, triton.next_power_of_2(Ev))
-        rows = max(16, min(64, 8192 // block_ev))  # at most 64 elements a thread, 4 warps
-        launch(_attn_hvp_rowsums, (Z * triton.cdiv(L, rows),),
-               [o, do, o_dot, tdo if tdo is not None else o, delta, delta_dot, L],
-               dict(EV=Ev, BLOCK_EV=block_ev, BLOCK_M=rows, HAS_TDO=tdo is not None,
-                    ACC=tl.float64 if dtype == torch.float64 else tl.float32,
-                    num_warps=4, num_stages=1))  # fmt: skip
-        # mu None (Ṡ = 0) is never read: HAS_TQ = HAS_TK = False; delta holds its place.
-        mu = delta if mu is None else mu.expand(*batch, L).to(acc_t).reshape(Z, L).contiguous()
-    else:
-        o_dot = torch.empty((*batch, L, Ev), device=device, dtype=out.dtype)
-        mu, delta, delta_dot = (torch.empty((Z, L), device=device, dtype=acc_t) for _ in range(3))
-    dq_dot = torch.empty_like(q)
-    dk_dot = torch.empty_like(k)
-    dv_dot = torch.empty_like(v)
-
     natural = natural_exp(dtype)
     flags = dict(
         E=E,
@@ -897,6 +874,28 @@ def backward_jvp(
         PREC=_precision(dtype, padded_head(E, Ev)),
         ACC=tl.float64 if dtype == torch.float64 else tl.float32,
     )
+
+    has_sd = tq is not None or tk is not None
+    given = o_dot is not None and (mu is not None or not has_sd)
+    if given:
+        # Pass 1 from the given tangents of out and lse: row sums only (docs/MATH.md §5.5), one
+        # small kernel (in torch ops they took about ten launches and three float32 copies).
+        o_dot = _check("o_dot", o_dot, (*batch, L, Ev), q)
+        delta, delta_dot = (torch.empty((Z, L), device=device, dtype=acc_t) for _ in range(2))
+        rows = max(16, min(64, 8192 // flags["BLOCK_EV"]))  # ≤ 64 elements a thread, 4 warps
+        row_sums = {name: flags[name] for name in ("EV", "BLOCK_EV", "HAS_TDO", "ACC")}
+        launch(_attn_hvp_rowsums, (Z * triton.cdiv(L, rows),),
+               [o, do, o_dot, tdo if tdo is not None else o, delta, delta_dot, L],
+               dict(**row_sums, BLOCK_M=rows, num_warps=4, num_stages=1))  # fmt: skip
+        # mu None (Ṡ = 0) is never read: HAS_TQ = HAS_TK = False; delta holds its place.
+        mu = delta if mu is None else mu.expand(*batch, L).to(acc_t).reshape(Z, L).contiguous()
+    else:
+        o_dot = torch.empty((*batch, L, Ev), device=device, dtype=out.dtype)
+        mu, delta, delta_dot = (torch.empty((Z, L), device=device, dtype=acc_t) for _ in range(3))
+    dq_dot = torch.empty_like(q)
+    dk_dot = torch.empty_like(k)
+    dv_dot = torch.empty_like(v)
+
     block_e = max(flags["BLOCK_E"], flags["BLOCK_EV"])
     # A tangent given as None is never read (its HAS_ flag is off); pass q as a placeholder.
     tq_, tk_, tv_, tdo_ = (t if t is not None else q for t in (tq, tk, tv, tdo))
