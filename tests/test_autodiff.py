@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import Tensor
 
 from theria import autodiff
+from theria.bench.common import refs_calls
 
 
 def _quartic(x, y):
@@ -136,12 +138,16 @@ def test_fwd_rev_takes_dual_tensors_outside_torch_func_and_torch_func_under_vmap
                                    rtol=1e-12, atol=1e-12)  # fmt: skip
 
 
-def test_fwd_rev_of_a_function_that_ignores_its_primals_is_zero() -> None:
+@pytest.mark.parametrize("mode", ["rev_rev", "fwd_rev", "fwd_rev under vmap"])
+def test_hvp_of_a_function_that_ignores_its_primals_is_zero(mode: str) -> None:
     x = torch.randn(3, dtype=torch.float64)
-    hv = autodiff.hvp(
-        lambda x: torch.ones((), dtype=torch.float64), (x,), (torch.ones(3),), "fwd_rev"
-    )
-    torch.testing.assert_close(hv[0], torch.zeros(3, dtype=torch.float64))
+
+    def hvp(x):
+        f = lambda x: torch.ones((), dtype=torch.float64)  # noqa: E731
+        return autodiff.hvp(f, (x,), (torch.ones(3, dtype=torch.float64),), mode.split()[0])[0]
+
+    hv = torch.func.vmap(hvp)(x[None])[0] if "vmap" in mode else hvp(x)
+    torch.testing.assert_close(hv, torch.zeros(3, dtype=torch.float64))
 
 
 def test_fwd_rev_falls_back_to_torch_func_for_an_op_without_a_forward_formula(
@@ -170,3 +176,71 @@ def test_fwd_rev_falls_back_to_torch_func_for_an_op_without_a_forward_formula(
     monkeypatch.setattr(autodiff, "_fwd_rev_func", lambda *a: routes.append(1) or real(*a))
     torch.testing.assert_close(autodiff.hvp(f, (x,), (u,), "fwd_rev")[0], want[0])
     assert routes == [1]  # straight to torch.func, no second failed attempt
+
+
+@pytest.mark.parametrize("route", ["dual tensors", "torch.func under vmap"])
+def test_fwd_rev_backward_starts_from_a_dual_seed(route: str) -> None:
+    """With autograd's plain seed, the loss's backward steps (grad * x) mix a plain tensor with
+    a dual one, and PyTorch (2.14 here) runs the ZeroTensor arithmetic of each such op through
+    torch._refs (0.1-0.25 ms of host time an op): 94 such Python calls for this f with torch
+    2.14 and the plain seed. A dual seed with a zero tangent keeps them out: f itself has no
+    op that mixes the two. torch.func's route (under vmap) takes the seed as a primal of its
+    jvp, with a zero tangent."""
+    x = torch.randn(4, 3, dtype=torch.float64)
+    u = torch.randn(4, 3, dtype=torch.float64)
+
+    def f(x):
+        y = torch.tanh(x)
+        return (y * y).sum()
+
+    def fwd_rev() -> Tensor:
+        if route == "dual tensors":
+            return autodiff.hvp(f, (x,), (u,), "fwd_rev")[0]
+        return torch.func.vmap(lambda xi: autodiff.hvp(f, (xi,), (u,), "fwd_rev")[0])(x[None])[0]
+
+    fwd_rev()  # warm-up: imports, first-call paths
+    assert refs_calls(fwd_rev) == 0
+    torch.testing.assert_close(fwd_rev(), autodiff.hvp(f, (x,), (u,), "rev_rev")[0])
+
+
+def _mse_breaks_forward_ad() -> bool:
+    """Whether this PyTorch has pytorch/pytorch#123996 (forward-over-reverse through
+    F.mse_loss(reduction="mean") raises "ZeroTensors are immutable")."""
+    w = torch.ones(2, dtype=torch.float64)
+    g = torch.func.grad(lambda w: torch.nn.functional.mse_loss(w, torch.zeros_like(w)))
+    try:
+        torch.func.jvp(g, (w,), (w,))
+    except RuntimeError as e:
+        return "ZeroTensors are immutable" in str(e)
+    return False
+
+
+def test_fwd_rev_through_mse_loss_mean_runs_as_rev_rev_where_pytorch_fails() -> None:
+    """F.mse_loss(reduction="mean") under forward-over-reverse fails inside PyTorch (#123996):
+    the call runs as rev_rev, warned once; under vmap (no torch.autograd) it raises with the
+    workaround. Where PyTorch has no such bug, fwd_rev runs and agrees."""
+    from theria import _warnings
+
+    _warnings.forget("autodiff:fwd_rev-zerotensor")
+    x = torch.randn(6, 3, dtype=torch.float64)
+    y = torch.randn(6, 2, dtype=torch.float64)
+    w = torch.randn(3, 2, dtype=torch.float64)
+    u = torch.randn(3, 2, dtype=torch.float64)
+
+    def f(w):
+        return torch.nn.functional.mse_loss(torch.tanh(x @ w), y)
+
+    want = autodiff.hvp(f, (w,), (u,), "rev_rev")
+    # the same Hessian-vector product written out, which forward mode takes on every torch
+    written = autodiff.hvp(lambda w: (torch.tanh(x @ w) - y).pow(2).mean(), (w,), (u,), "fwd_rev")
+    torch.testing.assert_close(written[0], want[0], rtol=1e-12, atol=1e-12)
+    batched = torch.func.vmap(lambda wi: autodiff.hvp(f, (wi,), (u,), "fwd_rev")[0])
+    if _mse_breaks_forward_ad():
+        with pytest.warns(RuntimeWarning, match=r"123996.*run mode='rev_rev' instead"):
+            got = autodiff.hvp(f, (w,), (u,), "fwd_rev")
+        with pytest.raises(RuntimeError, match=r"under torch\.func.*123996.*reduction='sum'"):
+            batched(w.expand(2, 3, 2).clone())
+    else:
+        got = autodiff.hvp(f, (w,), (u,), "fwd_rev")
+        torch.testing.assert_close(batched(w.expand(2, 3, 2).clone())[1], want[0])
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)

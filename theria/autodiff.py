@@ -107,13 +107,25 @@ def hvp(fn: Callable[..., Tensor], primals: Tree, tangents: Tree, mode: HvpMode 
     mode "rev_rev": the gradient of ⟨∇f, v⟩ (∇f taken with create_graph=True). mode "fwd_rev":
     the tangent of ∇f along v: by autograd on dual tensors (`torch.autograd.forward_ad`), or by
     torch.func's jvp of grad under a torch.func transform (vmap) and, warned once, for good
-    after an op that PyTorch's forward-mode AD has no formula for (SiLU's backward)."""
+    after an op that PyTorch's forward-mode AD has no formula for (SiLU's backward). Where
+    PyTorch's forward-mode AD fails inside fn with "ZeroTensors are immutable" (F.mse_loss with
+    reduction="mean", pytorch/pytorch#123996), the call runs as rev_rev, warned once; under a
+    torch.func transform, where that cannot run, it raises with the workaround.
+
+    Host time in fwd_rev: an op of fn that mixes a tensor carrying a tangent with one that
+    carries none (a Python number as in `0.5 * loss`, a target as in `pred - y`, a plain
+    LayerNorm weight) costs PyTorch 0.1-0.4 ms of Python per op (its ZeroTensor arithmetic
+    runs Python meta functions; torch 2.14, 2-core CPU host), against ~5 µs for the same op
+    between two dual tensors; rev_rev does not pay it. The backward's seed is dual here, so
+    the backward's own first steps do not pay it either (`_dual_seed`)."""
     flat, unflatten = _flatten(primals)
     tflat = _tangents_like(primals, tangents)
     if mode == "rev_rev":
         leaves = [p.detach().requires_grad_(True) for p in flat]
         with torch.enable_grad():
             out = _call(fn, unflatten(leaves))
+            if not out.requires_grad:  # f does not depend on the primals: H = 0
+                return unflatten([torch.zeros_like(p) for p in flat])
             gs = torch.autograd.grad(out, leaves, create_graph=True, allow_unused=True)
             # the gradient of ⟨∇f, v⟩ as a vector-Jacobian product of ∇f with cotangent v: the
             # same values as forming the dot, without its products and sums (and their backward)
@@ -133,24 +145,47 @@ def hvp(fn: Callable[..., Tensor], primals: Tree, tangents: Tree, mode: HvpMode 
         )
     if mode == "fwd_rev":
         _load_jvp_decompositions()
-        # torch.func under vmap (iMAML's batched step), or once dual tensors have met an op
-        # without a forward-mode formula; dual tensors otherwise (less host time per call)
-        if torch._C._are_functorch_transforms_active() or not _DUAL_ROUTE["usable"]:
-            return unflatten(_fwd_rev_func(fn, unflatten, flat, tflat))
         try:
-            return unflatten(_fwd_rev_dual(fn, unflatten, flat, tflat))
-        except NotImplementedError as e:
-            if not str(e).startswith(_NO_FORWARD_FORMULA):
+            return unflatten(_fwd_rev(fn, unflatten, flat, tflat))
+        except RuntimeError as e:
+            if not str(e).startswith(_ZERO_TENSOR_MUTATED):
                 raise
-            _DUAL_ROUTE["usable"] = False
+            if torch._C._are_functorch_transforms_active():  # torch.autograd cannot run here
+                raise RuntimeError(
+                    "theria.autodiff.hvp(mode='fwd_rev'): PyTorch's forward-mode AD failed "
+                    f"inside fn under torch.func ({str(e).splitlines()[0]!r}; {_ZERO_TENSOR_CASE})."
+                ) from e
             warn_once(
-                "autodiff:fwd_rev-dual",
-                f"theria.autodiff.hvp(mode='fwd_rev'): {str(e).splitlines()[0]} Forward-over-"
-                "reverse runs as torch.func's jvp of grad from now on in this process (torch.func "
-                "decomposes such ops; it costs more host time per call).",
+                "autodiff:fwd_rev-zerotensor",
+                "theria.autodiff.hvp(mode='fwd_rev'): PyTorch's forward-mode AD failed inside "
+                f"fn ({str(e).splitlines()[0]!r}; {_ZERO_TENSOR_CASE}). Such calls run "
+                "mode='rev_rev' instead: the same Hessian-vector product, by double backward.",
             )
-            return unflatten(_fwd_rev_func(fn, unflatten, flat, tflat))
+            return hvp(fn, primals, tangents, mode="rev_rev")
     raise ValueError(f"hvp: mode must be 'rev_rev' or 'fwd_rev'; got {mode!r}")
+
+
+def _fwd_rev(
+    fn: Callable[..., Tensor], unflatten: Callable, flat: list[Tensor], tflat: list[Tensor]
+) -> list[Tensor]:
+    """Forward-over-reverse by the route that fits: torch.func under a torch.func transform
+    (vmap, iMAML's batched step) or once dual tensors have met an op without a forward-mode
+    formula; dual tensors otherwise (less host time per call)."""
+    if torch._C._are_functorch_transforms_active() or not _DUAL_ROUTE["usable"]:
+        return _fwd_rev_func(fn, unflatten, flat, tflat)
+    try:
+        return _fwd_rev_dual(fn, unflatten, flat, tflat)
+    except NotImplementedError as e:
+        if not str(e).startswith(_NO_FORWARD_FORMULA):
+            raise
+        _DUAL_ROUTE["usable"] = False
+        warn_once(
+            "autodiff:fwd_rev-dual",
+            f"theria.autodiff.hvp(mode='fwd_rev'): {str(e).splitlines()[0]} Forward-over-"
+            "reverse runs as torch.func's jvp of grad from now on in this process (torch.func "
+            "decomposes such ops; it costs more host time per call).",
+        )
+        return _fwd_rev_func(fn, unflatten, flat, tflat)
 
 
 # PyTorch's message for an op without a forward-mode AD formula (e.g. aten::silu_backward in
@@ -160,12 +195,32 @@ _NO_FORWARD_FORMULA = "Trying to use forward AD with"
 _DUAL_ROUTE = {"usable": True}  # False after such an op: the torch.func route from then on
 
 
+# PyTorch's message when a forward-mode AD formula writes in place into the ZeroTensor that
+# stands for an undefined tangent (a tensor that carries none, as a loss's target): for
+# F.mse_loss with reduction="mean" on both forward-over-reverse routes, torch 2.14 here (and
+# 2.15 nightlies by pytorch/pytorch#123996, open; a fix is proposed in #197723).
+_ZERO_TENSOR_MUTATED = "ZeroTensors are immutable"
+_ZERO_TENSOR_CASE = (
+    "a known case is F.mse_loss(..., reduction='mean'), pytorch/pytorch#123996; "
+    "((pred - target) ** 2).mean() or reduction='sum' avoid it"
+)
+
+
 def _fwd_rev_func(
     fn: Callable[..., Tensor], unflatten: Callable, flat: list[Tensor], tflat: list[Tensor]
 ) -> list[Tensor]:
-    """Forward-over-reverse with torch.func (composes with an enclosing vmap)."""
-    g = torch.func.grad(lambda *xs: _call(fn, unflatten(list(xs))), argnums=tuple(range(len(flat))))
-    _, hv = torch.func.jvp(g, tuple(p.detach() for p in flat), tuple(tflat))
+    """Forward-over-reverse with torch.func (composes with an enclosing vmap): the jvp of a
+    vector-Jacobian product whose cotangent, the seed 1, is a primal of the jvp with a zero
+    tangent, so that the backward's tensors carry tangents from its first step (as
+    `_dual_seed` on the dual route; torch.func.grad's own seed carries none)."""
+    primals = tuple(p.detach() for p in flat)
+    seed = torch.ones((), dtype=primals[0].dtype, device=primals[0].device)
+
+    def grad(seed: Tensor, *xs: Tensor) -> tuple[Tensor, ...]:
+        out, vjp = torch.func.vjp(lambda *ys: _call(fn, unflatten(list(ys))), *xs)
+        return vjp(seed.to(out.dtype))
+
+    _, hv = torch.func.jvp(grad, (seed, *primals), (torch.zeros_like(seed), *tflat))
     return list(hv)
 
 
@@ -184,10 +239,22 @@ def _fwd_rev_dual(
         out = _call(fn, unflatten(duals))
         if not out.requires_grad:  # f does not depend on the primals: H = 0
             return [torch.zeros_like(p) for p in flat]
-        gs = torch.autograd.grad(out, leaves, allow_unused=True)
+        gs = torch.autograd.grad(out, leaves, grad_outputs=_dual_seed(out), allow_unused=True)
         hv = [None if g is None else forward_ad.unpack_dual(g).tangent for g in gs]
     # no tangent: ∇f is constant along v (a linear part) or f does not use that primal
     return [torch.zeros_like(p) if h is None else h for p, h in zip(flat, hv, strict=True)]
+
+
+def _dual_seed(out: Tensor) -> Tensor:
+    """The backward's seed ∂f/∂f = 1 as a dual tensor with a zero tangent (`out` is the scalar
+    f on dual tensors). autograd's default seed is a plain 1, so the backward's first steps
+    (a loss's `grad * x`) each mix a plain with a dual tensor; PyTorch's forward-mode AD gives
+    the plain side an undefined tangent, fills it with a ZeroTensor, and a ZeroTensor's
+    arithmetic finds its result shape through a Python meta function (torch._refs): 0.1-0.25
+    ms of host time per op on a 2-core CPU host (torch 2.14), against ~5 µs for the same op on
+    two dual tensors. With a dual seed the backward's tensors are dual from its first step."""
+    primal = forward_ad.unpack_dual(out).primal
+    return forward_ad.make_dual(torch.ones_like(primal), torch.zeros_like(primal))
 
 
 def jvp(fn: Callable[..., Tensor], primals: Tree, tangents: Tree) -> tuple[Tensor, Tensor]:

@@ -7,6 +7,7 @@ import gc
 import resource
 import shlex
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,6 +29,7 @@ __all__ = [
     "markdown_table",
     "measure",
     "ratios",
+    "refs_calls",
     "same_dtype_sdpa",
     "target_cells",
     "write_result",
@@ -224,6 +226,25 @@ def target_cells(
     r = a / b
     gap = f"{r - limit:+.2f}" + (f" (goal {r - goal:+.2f})" if goal is not None else "")
     return [a, b, f"{r:.2f}", lim, gap, "met" if r <= limit else "NOT met"]
+
+
+def refs_calls(run: Callable[[], Any]) -> int:
+    """How many Python functions of torch._refs (PyTorch's Python reference ops) one call of
+    `run` enters. In eager mode they run as the meta functions of ZeroTensor arithmetic, which
+    forward-mode AD makes where an op mixes a dual tensor with a plain one
+    (`theria.autodiff.hvp`'s docstring): a count of host time spent there."""
+    n = [0]
+
+    def count(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and "/torch/_refs/" in frame.f_code.co_filename.replace("\\", "/"):
+            n[0] += 1
+
+    sys.setprofile(count)
+    try:
+        run()
+    finally:
+        sys.setprofile(None)
+    return n[0]
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
