@@ -2,7 +2,7 @@
 fwd_rev through `theria.sdpa(backend="triton")`, next to theria's and cuDNN SDPA's forward +
 backward, with each call's wall time (median of repeats) beside the sum of its kernels.
 
-The HVP is that of `python -m theria.bench hvp` (ℓ = ½‖O‖², B=2, H=16, L = S = N, bf16).
+The HVP is that of `python -m theria.bench hvp` (ℓ = ‖O‖², B=2, H=16, L = S = N, bf16).
 `--tile kernel:D=BM,BN,W,ST,KM` sets a second-order tile first (as `bench hvp --sweep` would),
 e.g. `--tile dkdv:128=16,64,4,3,0`; `--tile-tdo` the same for calls with a dO tangent (fwd_rev,
 `second_order.CONFIGS_TDO`).
@@ -116,7 +116,7 @@ def main() -> None:
     configs_tdo = {name: dict(table) for name, table in so.CONFIGS_TDO.items()}
     body = "\n\n".join(
         [
-            f"B=2, H=16, bf16, causal={'yes' if args.causal else 'no'}; ℓ = ½‖O‖² as "
+            f"B=2, H=16, bf16, causal={'yes' if args.causal else 'no'}; ℓ = ‖O‖² as "
             "`python -m theria.bench hvp`. Wall: median of "
             f"{args.repeats} synchronized calls; device: the sum of the CUDA kernels' time per "
             "call under torch.profiler (CUDA activity only). Wall − device ≈ time the GPU "

@@ -4,7 +4,8 @@ PyTorch's math SDPA.
     python -m theria.bench cpu [--sizes 512 1024 2048] [--repeats 5] [--out DIR]
 
 An HVP here is forward + backward + second-order pass for the scalar
-ℓ(Q, K, V) = ½‖attention(Q, K, V)‖², along a random direction (u_Q, u_K, u_V):
+ℓ(Q, K, V) = ‖attention(Q, K, V)‖² (no factor ½: `bench.hvp._loss` says why), along a random
+direction (u_Q, u_K, u_V):
 
     rev_rev   g = ∇ℓ (create_graph=True), then ∇⟨g, u⟩       (what MAML's meta-gradient does)
     fwd_rev   ∇ℓ on dual tensors (primal, u): the tangent of ∇ℓ  (forward-over-reverse,
@@ -52,7 +53,7 @@ PATHS: dict[str, Callable] = {
 
 def _loss(attn: Callable) -> Callable:
     def loss(q, k, v):
-        return 0.5 * attn(q, k, v).pow(2).sum()
+        return attn(q, k, v).pow(2).sum()
 
     return loss
 

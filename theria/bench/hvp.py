@@ -8,8 +8,9 @@ measured in the same run as the yardstick.
                                [--sweep [--sweep-kernels dkdv dq rowstats]] [--out DIR]
                                [--name NAME]
 
-An HVP is forward + backward + second-order pass for ℓ(Q, K, V) = ½‖attention(Q, K, V)‖²
-(as `python -m theria.bench cpu`), along a random direction (u_Q, u_K, u_V):
+An HVP is forward + backward + second-order pass for ℓ(Q, K, V) = ‖attention(Q, K, V)‖²
+(as `python -m theria.bench cpu`; no factor ½, see `_loss`), along a random direction
+(u_Q, u_K, u_V):
 
     rev_rev   g = ∇ℓ (create_graph=True), then ∇⟨g, u⟩       (what MAML's meta-gradient does)
     fwd_rev   ∇ℓ on dual tensors (primal, u): the tangent of ∇ℓ  (forward-over-reverse,
@@ -104,8 +105,14 @@ FUSED = {  # PyTorch's fused first-order kernels, the yardstick (mode "fwd+bwd")
 
 
 def _loss(attn: Callable, **kw) -> Callable:
+    """ℓ(Q, K, V) = ‖attention(Q, K, V)‖², summed in float32. Without the customary factor ½:
+    under forward-mode AD a Python number's factor meets tensors that carry tangents, and
+    PyTorch runs each such op's ZeroTensor arithmetic through Python meta functions (4 ops
+    per HVP here, ~0.1-0.25 ms each on a 2-core CPU host; `theria.autodiff.hvp`'s docstring),
+    which fwd_rev's time would include and rev_rev's not: a cost of the loss, not of attention."""
+
     def loss(q, k, v):
-        return 0.5 * attn(q, k, v, **kw).float().pow(2).sum()
+        return attn(q, k, v, **kw).float().pow(2).sum()
 
     return loss
 
@@ -493,7 +500,7 @@ def main(argv: list[str] | None = None) -> None:
         rows, summary = targets(records)
         table = (
             f"## One HVP through one attention call\n\nB={B}, H={H}, L = S = N, no mask; "
-            f"ℓ = ½‖O‖²; median of {args.repeats} repeats (3 for N > 8192; the fused "
+            f"ℓ = ‖O‖²; median of {args.repeats} repeats (3 for N > 8192; the fused "
             f"fwd+bwd peers at least {PEER_REPEATS} up to N = 16384) after a warm-up; "
             "peak = CUDA allocator peak above the inputs. TFLOP/s from the algorithmic matmul "
             f"count (rev_rev {MATMULS['rev_rev']}, fwd_rev {MATMULS['fwd_rev']}, fused fwd+bwd "

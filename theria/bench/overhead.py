@@ -11,7 +11,7 @@ Shapes (B, H, N, D) = (1, 1, 16, 64) by default, self-attention L = S = N, no ma
     fwd+jvp   torch.func.jvp(attention, (q, k, v), (q̇, k̇, v̇)), or theria's fused
               `triton_impl.sdpa_jvp` (one kernel pass, no autograd)
     rev_rev   theria.autodiff.hvp(ℓ, (q, k, v), (u_q, u_k, u_v), "rev_rev") with
-              ℓ = ½‖attention(q, k, v)‖² (as `python -m theria.bench hvp`)
+              ℓ = ‖attention(q, k, v)‖² (as `python -m theria.bench hvp`)
     fwd_rev   the same, "fwd_rev" (∇ℓ by autograd on dual tensors, forward-over-reverse)
 
 Paths: `theria.sdpa triton` (`theria.sdpa(backend="triton")`; for fwd+bwd also with the
