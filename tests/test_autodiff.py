@@ -179,7 +179,7 @@ def test_fwd_rev_falls_back_to_torch_func_for_an_op_without_a_forward_formula(
 
 
 @pytest.mark.parametrize("route", ["dual tensors", "torch.func under vmap"])
-def test_fwd_rev_backward_starts_from_a_dual_seed(route: str) -> None:
+def test_fwd_rev_backward_starts_from_a_dual_seed(route: str, monkeypatch) -> None:
     """With autograd's plain seed, the loss's backward steps (grad * x) mix a plain tensor with
     a dual one, and PyTorch (2.14 here) runs the ZeroTensor arithmetic of each such op through
     torch._refs (0.1-0.25 ms of host time an op): 94 such Python calls for this f with torch
@@ -193,6 +193,13 @@ def test_fwd_rev_backward_starts_from_a_dual_seed(route: str) -> None:
         y = torch.tanh(x)
         return (y * y).sum()
 
+    routes = []
+    for name in ("_fwd_rev_dual", "_fwd_rev_func"):
+        real = getattr(autodiff, name)
+        monkeypatch.setattr(autodiff, name, lambda *a, real=real, name=name: routes.append(name)
+                            or real(*a))  # fmt: skip
+    monkeypatch.setitem(autodiff._DUAL_ROUTE, "usable", True)
+
     def fwd_rev() -> Tensor:
         if route == "dual tensors":
             return autodiff.hvp(f, (x,), (u,), "fwd_rev")[0]
@@ -200,6 +207,7 @@ def test_fwd_rev_backward_starts_from_a_dual_seed(route: str) -> None:
 
     fwd_rev()  # warm-up: imports, first-call paths
     assert refs_calls(fwd_rev) == 0
+    assert set(routes) == {"_fwd_rev_dual" if route == "dual tensors" else "_fwd_rev_func"}
     torch.testing.assert_close(fwd_rev(), autodiff.hvp(f, (x,), (u,), "rev_rev")[0])
 
 
@@ -215,13 +223,15 @@ def _mse_breaks_forward_ad() -> bool:
     return False
 
 
-def test_fwd_rev_through_mse_loss_mean_runs_as_rev_rev_where_pytorch_fails() -> None:
+def test_fwd_rev_through_mse_loss_mean_runs_as_rev_rev_where_pytorch_fails(monkeypatch) -> None:
     """F.mse_loss(reduction="mean") under forward-over-reverse fails inside PyTorch (#123996):
-    the call runs as rev_rev, warned once; under vmap (no torch.autograd) it raises with the
-    workaround. Where PyTorch has no such bug, fwd_rev runs and agrees."""
+    the call and later calls of that function run as rev_rev, warned once; under vmap (no
+    torch.autograd) it raises with the workaround. Where PyTorch has no such bug, fwd_rev runs
+    and agrees."""
     from theria import _warnings
 
     _warnings.forget("autodiff:fwd_rev-zerotensor")
+    monkeypatch.setattr(autodiff, "_ZERO_TENSOR_FNS", set())
     x = torch.randn(6, 3, dtype=torch.float64)
     y = torch.randn(6, 2, dtype=torch.float64)
     w = torch.randn(3, 2, dtype=torch.float64)
@@ -240,6 +250,12 @@ def test_fwd_rev_through_mse_loss_mean_runs_as_rev_rev_where_pytorch_fails() -> 
             got = autodiff.hvp(f, (w,), (u,), "fwd_rev")
         with pytest.raises(RuntimeError, match=r"under torch\.func.*123996.*reduction='sum'"):
             batched(w.expand(2, 3, 2).clone())
+        # remembered: a later call of the same function goes straight to rev_rev
+        tried = []
+        real = autodiff._fwd_rev
+        monkeypatch.setattr(autodiff, "_fwd_rev", lambda *a: tried.append(1) or real(*a))
+        torch.testing.assert_close(autodiff.hvp(f, (w,), (u,), "fwd_rev")[0], want[0])
+        assert tried == []
     else:
         got = autodiff.hvp(f, (w,), (u,), "fwd_rev")
         torch.testing.assert_close(batched(w.expand(2, 3, 2).clone())[1], want[0])

@@ -109,8 +109,9 @@ def hvp(fn: Callable[..., Tensor], primals: Tree, tangents: Tree, mode: HvpMode 
     torch.func's jvp of grad under a torch.func transform (vmap) and, warned once, for good
     after an op that PyTorch's forward-mode AD has no formula for (SiLU's backward). Where
     PyTorch's forward-mode AD fails inside fn with "ZeroTensors are immutable" (F.mse_loss with
-    reduction="mean", pytorch/pytorch#123996), the call runs as rev_rev, warned once; under a
-    torch.func transform, where that cannot run, it raises with the workaround.
+    reduction="mean", pytorch/pytorch#123996), the call and later calls of the same function
+    run as rev_rev, warned once; under a torch.func transform, where that cannot run, it
+    raises with the workaround.
 
     Host time in fwd_rev: an op of fn that mixes a tensor carrying a tangent with one that
     carries none (a Python number as in `0.5 * loss`, a target as in `pred - y`, a plain
@@ -145,23 +146,31 @@ def hvp(fn: Callable[..., Tensor], primals: Tree, tangents: Tree, mode: HvpMode 
         )
     if mode == "fwd_rev":
         _load_jvp_decompositions()
-        try:
-            return unflatten(_fwd_rev(fn, unflatten, flat, tflat))
-        except RuntimeError as e:
-            if not str(e).startswith(_ZERO_TENSOR_MUTATED):
-                raise
-            if torch._C._are_functorch_transforms_active():  # torch.autograd cannot run here
-                raise RuntimeError(
+        key = _fn_key(fn)
+        transformed = torch._C._are_functorch_transforms_active()
+        if transformed or key not in _ZERO_TENSOR_FNS:
+            try:
+                return unflatten(_fwd_rev(fn, unflatten, flat, tflat))
+            except RuntimeError as e:
+                if not str(e).startswith(_ZERO_TENSOR_MUTATED):
+                    raise
+                if transformed:  # torch.autograd cannot run here
+                    raise RuntimeError(
+                        "theria.autodiff.hvp(mode='fwd_rev'): PyTorch's forward-mode AD failed "
+                        f"inside fn under torch.func ({str(e).splitlines()[0]!r}; "
+                        f"{_ZERO_TENSOR_CASE})."
+                    ) from e
+                warn_once(
+                    "autodiff:fwd_rev-zerotensor",
                     "theria.autodiff.hvp(mode='fwd_rev'): PyTorch's forward-mode AD failed "
-                    f"inside fn under torch.func ({str(e).splitlines()[0]!r}; {_ZERO_TENSOR_CASE})."
-                ) from e
-            warn_once(
-                "autodiff:fwd_rev-zerotensor",
-                "theria.autodiff.hvp(mode='fwd_rev'): PyTorch's forward-mode AD failed inside "
-                f"fn ({str(e).splitlines()[0]!r}; {_ZERO_TENSOR_CASE}). Such calls run "
-                "mode='rev_rev' instead: the same Hessian-vector product, by double backward.",
-            )
-            return hvp(fn, primals, tangents, mode="rev_rev")
+                    f"inside fn ({str(e).splitlines()[0]!r}; {_ZERO_TENSOR_CASE}). This call and "
+                    "later ones of the same function run mode='rev_rev' instead: the same "
+                    "Hessian-vector product, by double backward.",
+                )
+                if key is not None:
+                    _ZERO_TENSOR_FNS.add(key)
+        # after the except block, so the failed attempt's graph is freed before the retry
+        return hvp(fn, primals, tangents, mode="rev_rev")
     raise ValueError(f"hvp: mode must be 'rev_rev' or 'fwd_rev'; got {mode!r}")
 
 
@@ -200,6 +209,22 @@ _DUAL_ROUTE = {"usable": True}  # False after such an op: the torch.func route f
 # F.mse_loss with reduction="mean" on both forward-over-reverse routes, torch 2.14 here (and
 # 2.15 nightlies by pytorch/pytorch#123996, open; a fix is proposed in #197723).
 _ZERO_TENSOR_MUTATED = "ZeroTensors are immutable"
+# Functions whose fwd_rev failed so (by their code: iMAML's closures, one per task, share it),
+# run as rev_rev from then on without a second failed attempt each.
+_ZERO_TENSOR_FNS: set[object] = set()
+
+
+def _fn_key(fn: Callable[..., Any]) -> object:
+    """What identifies fn across calls: its code object (shared by the closures of one def),
+    else the callable itself; None when that cannot be hashed (then nothing is remembered)."""
+    key = getattr(fn, "__code__", fn)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
 _ZERO_TENSOR_CASE = (
     "a known case is F.mse_loss(..., reduction='mean'), pytorch/pytorch#123996; "
     "((pred - target) ** 2).mean() or reduction='sum' avoid it"
@@ -214,7 +239,7 @@ def _fwd_rev_func(
     tangent, so that the backward's tensors carry tangents from its first step (as
     `_dual_seed` on the dual route; torch.func.grad's own seed carries none)."""
     primals = tuple(p.detach() for p in flat)
-    seed = torch.ones((), dtype=primals[0].dtype, device=primals[0].device)
+    seed = torch.ones((), dtype=primals[0].real.dtype, device=primals[0].device)
 
     def grad(seed: Tensor, *xs: Tensor) -> tuple[Tensor, ...]:
         out, vjp = torch.func.vjp(lambda *ys: _call(fn, unflatten(list(ys))), *xs)

@@ -239,11 +239,12 @@ def refs_calls(run: Callable[[], Any]) -> int:
         if event == "call" and "/torch/_refs/" in frame.f_code.co_filename.replace("\\", "/"):
             n[0] += 1
 
+    previous = sys.getprofile()
     sys.setprofile(count)
     try:
         run()
     finally:
-        sys.setprofile(None)
+        sys.setprofile(previous)
     return n[0]
 
 
