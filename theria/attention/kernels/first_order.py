@@ -62,6 +62,7 @@ except ImportError:  # pragma: no cover
 
 from theria.attention.kernels import TF32X3_MAX_HEAD, interpreter_compat
 from theria.attention.kernels.lse import load_lse, minus_lse, scale_scores
+from theria.attention.kernels.schedule import grid_tile
 
 interpreter_compat.apply()  # Triton < 3.7 under NumPy 2 (see that module)
 
@@ -135,21 +136,6 @@ def _causal_hi(start_m, S, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
         return tl.minimum(S, start_m + BLOCK_M)
     else:
         return S
-
-
-@triton.jit
-def _query_start(m, n_m, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
-    """The first row of the query block that program m of a query-major grid of n_m blocks
-    (per batch entry) takes. Causal: in reverse, so that the blocks which see the most keys are
-    dispatched first and the grid ends on its shortest programs (longest processing time
-    first). H200, bf16, N=4096, same run (experiments/results/hvp_profile_h200_s12_causal*.md):
-    forward, dQ and forward-JVP kernels 0.5-2 % faster at head dims 64 and 128; in the
-    second-order query-major passes the change was within noise either way, so they keep the
-    plain order."""
-    if IS_CAUSAL:
-        return (n_m - 1 - m) * BLOCK_M
-    else:
-        return m * BLOCK_M
 
 
 @triton.jit
@@ -245,8 +231,9 @@ def _attn_fwd(
     """TMA: K and V are read through tensor descriptors (Hopper's TMA unit) instead of pointer
     loads (see `_descriptor`)."""
     ACC = tl.float64 if F64 else tl.float32
-    start_m = _query_start(tl.program_id(0), tl.num_programs(0), BLOCK_M, IS_CAUSAL)
-    pid_b = tl.program_id(1)
+    ROW_BYTES = (E + EV) * (K.dtype.element_ty.primitive_bitwidth // 8)  # a key and value row
+    block_m, pid_b = grid_tile(S, ROW_BYTES, IS_CAUSAL, True)
+    start_m = block_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -408,8 +395,9 @@ def _attn_fwd_jvp(
 ):  # fmt: skip
     """Ȯ = (P∘Ṡ)V − μ∘O + P V̇ and μ = rowsum(P∘Ṡ), with P = exp(S − lse) from the saved lse."""
     ACC = tl.float64 if F64 else tl.float32
-    start_m = _query_start(tl.program_id(0), tl.num_programs(0), BLOCK_M, IS_CAUSAL)
-    pid_b = tl.program_id(1)
+    ROW_BYTES = (E + EV) * (K.dtype.element_ty.primitive_bitwidth // 8)  # a key and value row
+    block_m, pid_b = grid_tile(S, ROW_BYTES, IS_CAUSAL, True)
+    start_m = block_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -524,8 +512,9 @@ def _attn_bwd_dkdv(
     (keys × queries) so that Pᵀ and dSᵀ come out without a transpose. TMA: Q and dO are read
     through tensor descriptors (`_descriptor`)."""
     ACC = tl.float64 if F64 else tl.float32
-    start_n = tl.program_id(0) * BLOCK_N
-    pid_b = tl.program_id(1)
+    ROW_BYTES = (E + EV) * (Q.dtype.element_ty.primitive_bitwidth // 8)  # a query and dO row
+    block_n, pid_b = grid_tile(L, ROW_BYTES, IS_CAUSAL, False)
+    start_n = block_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -628,8 +617,9 @@ def _attn_bwd_dq(
     stores it for `_attn_bwd_dkdv`: one launch fewer than a separate preprocess pass. TMA: K
     and V are read through tensor descriptors (`_descriptor`)."""
     ACC = tl.float64 if F64 else tl.float32
-    start_m = _query_start(tl.program_id(0), tl.num_programs(0), BLOCK_M, IS_CAUSAL)
-    pid_b = tl.program_id(1)
+    ROW_BYTES = (E + EV) * (K.dtype.element_ty.primitive_bitwidth // 8)  # a key and value row
+    block_m, pid_b = grid_tile(S, ROW_BYTES, IS_CAUSAL, True)
+    start_m = block_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)

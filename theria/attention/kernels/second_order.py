@@ -62,6 +62,7 @@ from theria.attention.kernels.first_order import causal_full_hi
 from theria.attention.kernels.launch import enabled as fast_launch_enabled
 from theria.attention.kernels.launch import launch, layout_key
 from theria.attention.kernels.lse import load_lse, minus_lse, scale_scores
+from theria.attention.kernels.schedule import grid_block
 
 interpreter_compat.apply()  # Triton < 3.7 under NumPy 2 (see that module)
 
@@ -401,9 +402,9 @@ def _attn_hvp_rowstats(
     scale = tl.load(SCALE)
     qk_scale = tl.load(SCALE + 1)  # scale·RLN
     n_m = tl.cdiv(L, BLOCK_M)
-    pid = tl.program_id(0)
-    z = pid // n_m
-    start_m = (pid % n_m) * BLOCK_M
+    ROW_BYTES = (E + EV) * (K.dtype.element_ty.primitive_bitwidth // 8)  # a key and value row
+    block_m, z = grid_block(n_m, S, ROW_BYTES, CAUSAL, True)
+    start_m = block_m * BLOCK_M
     qb = tl.load(QB + z).to(tl.int64)
     kb = tl.load(KB + z).to(tl.int64)
     mask_base = tl.load(MOFF + z)
@@ -529,9 +530,10 @@ def _attn_hvp_dq(
     scale = tl.load(SCALE)
     qk_scale = tl.load(SCALE + 1)  # scale·RLN
     n_m = tl.cdiv(L, BLOCK_M)
-    pid = tl.program_id(0)
-    qb = (pid // n_m).to(tl.int64)
-    start_m = (pid % n_m) * BLOCK_M
+    ROW_BYTES = (E + EV) * (K.dtype.element_ty.primitive_bitwidth // 8)  # a key and value row
+    block_m, qb = grid_block(n_m, S, ROW_BYTES, CAUSAL, True)
+    qb = qb.to(tl.int64)
+    start_m = block_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_e = tl.arange(0, BLOCK_E)
@@ -638,9 +640,10 @@ def _attn_hvp_dkdv(
     scale = tl.load(SCALE)
     qk_scale = tl.load(SCALE + 1)  # scale·RLN
     n_n = tl.cdiv(S, BLOCK_N)
-    pid = tl.program_id(0)
-    kb = (pid // n_n).to(tl.int64)
-    start_n = (pid % n_n) * BLOCK_N
+    ROW_BYTES = (E + EV) * (Q.dtype.element_ty.primitive_bitwidth // 8)  # a query and dO row
+    block_n, kb = grid_block(n_n, L, ROW_BYTES, CAUSAL, False)
+    kb = kb.to(tl.int64)
+    start_n = block_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_e = tl.arange(0, BLOCK_E)
