@@ -90,9 +90,10 @@ def test_plain_order_without_causal(schedule, one_d):
 
 
 # Causal problems with several 16-row blocks per head and 5 (or 4 = 2 GQA groups) heads: in
-# float64 a head's keys take 37·(8 + 8)·8 = 4736 bytes, so a 10 kB budget makes sections of
-# two heads and a short last one, 1 byte one head each, the default one section.
-BUDGETS = {"one_head": 1, "two_heads": 10_000, "default": 50 * 2**20}
+# float64 a head's 37 or 41 rows take 37·(8 + 8)·8 = 4736 or 5248 bytes, so an 11 kB budget
+# makes sections of two heads (with 5, a short last one), 1 byte one head each, the default
+# one section.
+BUDGETS = {"one_head": 1, "two_heads": 11_000, "default": 50 * 2**20}
 
 
 def _causal_inputs(gqa: bool, L: int = 37, S: int = 37):
@@ -170,3 +171,31 @@ def test_single_row_causal_grids(schedule, L, S):
     u = tuple(torch.randn_like(x) for x in prim)
     _close(autodiff.hvp(_loss("triton", kw), prim, u, "rev_rev"),
            autodiff.hvp(_loss("reference", kw), prim, u, "rev_rev"))  # fmt: skip
+
+
+def test_each_pass_orders_by_what_it_streams(schedule, monkeypatch):
+    """Query-major passes (forward, JVPs, dQ, second-order row statistics and dQ̇) size their
+    sections by the S keys they stream and start at the last query block; key-major passes
+    (dK/dV, dK̇/dV̇) by the L queries, starting at the first key block. Recorded from the
+    kernels' calls of the tile mapping (the interpreter runs them as Python)."""
+    from theria import autodiff
+    from theria.attention.kernels import first_order, second_order
+
+    seen = set()
+
+    def recording(original):
+        def tile(*args):
+            *head, row_bytes, causal, query_major = args
+            seen.add((int(head[-1]), int(row_bytes), bool(causal), bool(query_major)))
+            return original(*args)
+
+        return tile
+
+    monkeypatch.setattr(first_order, "grid_tile", recording(schedule.grid_tile))
+    monkeypatch.setattr(second_order, "grid_block", recording(schedule.grid_block))
+    prim, kw = _causal_inputs(False, L=37, S=41)
+    u = tuple(torch.randn_like(x) for x in prim)
+    for mode in ("rev_rev", "fwd_rev"):
+        autodiff.hvp(_loss("triton", kw), prim, u, mode)
+    # float64 rows of E = Ev = 8: 128 bytes; keys S = 41 for query-major, queries L = 37
+    assert seen == {(41, 128, True, True), (37, 128, True, False)}

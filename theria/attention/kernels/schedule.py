@@ -17,6 +17,12 @@ sections whose keys and values fit a fixed L2 budget (50 MiB), and within a sect
 run longest first, each rank across all the section's heads. `lpt_tile` maps a program's
 position in launch order to its tile the same way.
 
+The section size is a heuristic: ROW_BYTES counts one key and one value row (one query and one
+dO row for key-major passes), not the tangents the JVP and second-order passes also stream, nor
+that GQA heads share keys (flash-attention scales by the heads per key head), so sections can
+be up to twice the budget or a few times smaller than it; the order within them, which is what
+shortens the tail, is the same.
+
 Within a section, program t takes rank t // h (h heads in the section) of head t % h: rank 0,
 the longest block, for every head, then rank 1, and so on. Query-major passes (forward, JVP,
 dQ, the second-order row statistics and dQ̇) start with the last query block; key-major
@@ -43,8 +49,9 @@ def lpt_tile(t, n_blk, n_z, rows, ROW_BYTES: tl.constexpr):
     t = tl.cast(t, tl.int64)
     # tl.cast, not rows.to(): an int argument equal to 1 arrives as a constexpr
     per_z = tl.maximum(tl.cast(rows, tl.int64) * ROW_BYTES, 1)
-    fit = tl.cast(LPT_L2_BYTES, tl.int64) // per_z  # (a constexpr on the left of // a tensor
-    hs = tl.maximum(tl.minimum(tl.cast(n_z, tl.int64), fit), 1)  # stays a constexpr)
+    # (cast first: a constexpr on the left of // would wrap the tensor result as a constexpr)
+    fit = tl.cast(LPT_L2_BYTES, tl.int64) // per_z
+    hs = tl.maximum(tl.minimum(tl.cast(n_z, tl.int64), fit), 1)
     sec = t // (hs * n_blk)
     r = t - sec * hs * n_blk
     h_sz = tl.minimum(hs, n_z - sec * hs)  # the last section may be short
@@ -63,7 +70,7 @@ def grid_tile(
     z = tl.program_id(1)
     if CAUSAL:
         n_blk = tl.num_programs(0)
-        t = tl.program_id(1) * n_blk + tl.program_id(0)
+        t = tl.cast(tl.program_id(1), tl.int64) * n_blk + tl.program_id(0)
         rank, z = lpt_tile(t, n_blk, tl.num_programs(1), rows, ROW_BYTES)
         block = n_blk - 1 - rank if QUERY_MAJOR else rank
     return block, z
