@@ -18,7 +18,8 @@ Alg. 2), with the row statistic δ computed by the dQ pass (FlashAttention-2 has
 pass for it; folding it in saves a launch, which at small sizes is host time). Causal: the key
 (query) blocks that every query of a program's block sees whole run without the causal mask,
 only the blocks that straddle the diagonal apply it (two loops over one block step, as
-FlashAttention-2's kernels split their loops). The fused JVP carries, next to the
+FlashAttention-2's kernels split their loops), and the grid runs the longest tiles first
+(`schedule.grid_tile`). The fused JVP carries, next to the
 output accumulator, the unnormalized μ, (P∘Ṡ)V and P V̇ under the same running-max rescaling.
 
 Limits and conventions:
