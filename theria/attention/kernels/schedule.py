@@ -46,12 +46,13 @@ def lpt_tile(t, n_blk, n_z, rows, ROW_BYTES: tl.constexpr):
     block. `rows`: the rows (keys for query blocks, queries for key blocks) every tile of an
     element reads, ROW_BYTES bytes each; a section holds as many elements as fit
     LPT_L2_BYTES (at least one), the last one what is left."""
-    t = tl.cast(t, tl.int64)
-    # tl.cast, not rows.to(): an int argument equal to 1 arrives as a constexpr
+    # Positions and counts stay int32 (a grid has far fewer than 2**31 programs: each covers
+    # at least 16 rows of a tensor in GPU memory); only the bytes per element need int64.
+    # (tl.cast, not rows.to(): an int argument equal to 1 arrives as a constexpr)
     per_z = tl.maximum(tl.cast(rows, tl.int64) * ROW_BYTES, 1)
     # (cast first: a constexpr on the left of // would wrap the tensor result as a constexpr)
     fit = tl.cast(LPT_L2_BYTES, tl.int64) // per_z
-    hs = tl.maximum(tl.minimum(tl.cast(n_z, tl.int64), fit), 1)
+    hs = tl.cast(tl.maximum(tl.minimum(tl.cast(n_z, tl.int64), fit), 1), tl.int32)
     sec = t // (hs * n_blk)
     r = t - sec * hs * n_blk
     h_sz = tl.minimum(hs, n_z - sec * hs)  # the last section may be short
@@ -70,7 +71,7 @@ def grid_tile(
     z = tl.program_id(1)
     if CAUSAL:
         n_blk = tl.num_programs(0)
-        t = tl.cast(tl.program_id(1), tl.int64) * n_blk + tl.program_id(0)
+        t = tl.program_id(1) * n_blk + tl.program_id(0)
         rank, z = lpt_tile(t, n_blk, tl.num_programs(1), rows, ROW_BYTES)
         block = n_blk - 1 - rank if QUERY_MAJOR else rank
     return block, z
