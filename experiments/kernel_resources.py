@@ -8,7 +8,7 @@ bundled ptxas (`-v` reports registers and spills). Tiles: the autotuner's choice
 the second-order ones. CTAs/SM: min over 64 Ki registers (allocated per warp in units of 256)
 and 228 KiB of shared memory per SM on an H100/H200; resident warps/SM = CTAs × warps.
 
-    python experiments/kernel_resources.py [--dims 64 128] [--sweep-tiles] [--out DIR]
+    python experiments/kernel_resources.py [--dims 64 128] [--causal] [--sweep-tiles] [--out DIR]
 
 --sweep-tiles: every second-order tile that `python -m theria.bench hvp --sweep` times, to see
 which can keep more warps per SM before spending GPU time on them.
@@ -50,9 +50,9 @@ TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
 SMEM_PER_SM, REGS_PER_SM, MAX_WARPS = 228 * 1024, 65536, 64
 
 
-def capture(dim: int, n: int) -> list[tuple[Any, list, dict]]:
+def capture(dim: int, n: int, causal: bool = False) -> list[tuple[Any, list, dict]]:
     """(kernel, runtime args, constexprs) of every launch of one forward, backward and
-    second-order (double-backward form) call at (2, 16, n, dim), bf16, not causal."""
+    second-order (double-backward form) call at (2, 16, n, dim), bf16."""
     seen: list[tuple[Any, list, dict]] = []
 
     def record(kernel, grid, args, consts):
@@ -65,7 +65,7 @@ def capture(dim: int, n: int) -> list[tuple[Any, list, dict]]:
     shape = (2, 16, n, dim)
     q, k, v, do, out, tq, tk, tv = (torch.randn(shape, dtype=torch.bfloat16) for _ in range(8))
     lse = torch.randn(shape[:-1])
-    problem = canonicalize(q, k, v, None, 0.0, False, None, False, 256).problem
+    problem = canonicalize(q, k, v, None, 0.0, causal, None, False, 256).problem
     T._forward(q, k, v, None, problem, None)
     T.backward.__wrapped__(q, k, v, None, problem, out, lse, do)
     SO.backward_jvp(q, k, v, None, problem, out, lse, do, tq, tk, tv, None)
@@ -125,12 +125,14 @@ def main() -> None:
     ap.add_argument("--dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--out", type=Path, default=Path("outputs/bench"))
+    ap.add_argument("--causal", action="store_true", help="the causal kernels")
+    ap.add_argument("--name", default=None, help="result file name (default from the flags)")
     ap.add_argument("--sweep-tiles", action="store_true",
                     help="the second-order tiles of `bench hvp --sweep`")  # fmt: skip
     args = ap.parse_args()
     rows = []
     for dim in args.dims:
-        for kernel, run_args, consts in capture(dim, args.n):
+        for kernel, run_args, consts in capture(dim, args.n, args.causal):
             name = LM._base(kernel).fn.__name__
             for tile_consts in _tiles(name, dim, consts, args.sweep_tiles):
                 r = compile_sm90(kernel, run_args, tile_consts)
@@ -146,12 +148,14 @@ def main() -> None:
               r["warps"]] for name, dim, tile, r in rows]  # fmt: skip
     body = (
         f"No GPU: compiled for sm_90a, registers and spills from ptxas -v. B=2, H=16, "
-        f"N={args.n}, bf16, not causal. Tile = (BLOCK_M, BLOCK_N, warps, stages). CTAs/SM from "
+        f"N={args.n}, bf16, {'causal' if args.causal else 'not causal'}. "
+        "Tile = (BLOCK_M, BLOCK_N, warps, stages). CTAs/SM from "
         "registers (64 Ki per SM) and shared memory (228 KiB per SM). Script: "
         "`python experiments/kernel_resources.py`.\n\n" + markdown_table(head, table)
     )
     title = "Registers, spills and shared memory per kernel (offline sm_90a compile)"
-    name = "kernel_resources_sweep_sm90" if args.sweep_tiles else "kernel_resources_sm90"
+    default = "kernel_resources_sweep_sm90" if args.sweep_tiles else "kernel_resources_sm90"
+    name = args.name or default + ("_causal" if args.causal else "")
     write_result(name, title, environment("cpu"), body, args.out)
 
 
