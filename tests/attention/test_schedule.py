@@ -109,6 +109,18 @@ def _close(got, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-11)
 
 
+def _forward_and_backward_match(prim, kw):
+    """Checks the triton backend's output and gradients against the reference's; returns
+    both as functions of (q, k, v)."""
+    tri = functools.partial(theria.sdpa, backend="triton", **kw)
+    ref = functools.partial(theria.sdpa, backend="reference", **kw)
+    out = tri(*prim)
+    _close([out], [ref(*prim)])
+    do = torch.randn_like(out)
+    _close(torch.autograd.grad(out, prim, do), torch.autograd.grad(ref(*prim), prim, do))
+    return tri, ref
+
+
 @pytest.mark.parametrize("gqa", [False, True], ids=["mha", "gqa"])
 @pytest.mark.parametrize("budget", list(BUDGETS), ids=str)
 def test_first_order_in_sections_matches_reference(schedule, monkeypatch, budget, gqa):
@@ -116,12 +128,7 @@ def test_first_order_in_sections_matches_reference(schedule, monkeypatch, budget
 
     monkeypatch.setattr(schedule, "LPT_L2_BYTES", tl.constexpr(BUDGETS[budget]))
     prim, kw = _causal_inputs(gqa, L=37, S=41)
-    tri = functools.partial(theria.sdpa, backend="triton", **kw)
-    ref = functools.partial(theria.sdpa, backend="reference", **kw)
-    out = tri(*prim)
-    _close([out], [ref(*prim)])
-    do = torch.randn_like(out)
-    _close(torch.autograd.grad(out, prim, do), torch.autograd.grad(ref(*prim), prim, do))
+    tri, ref = _forward_and_backward_match(prim, kw)
     detached = tuple(x.detach() for x in prim)
     tangents = tuple(torch.randn_like(x) for x in prim)
     _, t_tri = torch.func.jvp(tri, detached, tangents)
@@ -162,12 +169,7 @@ def test_single_row_causal_grids(schedule, L, S):
     from theria import autodiff
 
     prim, kw = _causal_inputs(False, L=L, S=S)
-    tri = functools.partial(theria.sdpa, backend="triton", **kw)
-    ref = functools.partial(theria.sdpa, backend="reference", **kw)
-    out = tri(*prim)
-    _close([out], [ref(*prim)])
-    do = torch.randn_like(out)
-    _close(torch.autograd.grad(out, prim, do), torch.autograd.grad(ref(*prim), prim, do))
+    _forward_and_backward_match(prim, kw)
     u = tuple(torch.randn_like(x) for x in prim)
     _close(autodiff.hvp(_loss("triton", kw), prim, u, "rev_rev"),
            autodiff.hvp(_loss("reference", kw), prim, u, "rev_rev"))  # fmt: skip
